@@ -1,0 +1,41 @@
+# The README's two commands: `make run` (the study end to end on the built-in data) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export PREFECT_LOGGING_LEVEL ?= INFO
+export GX_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export DO_NOT_TRACK := 1
+export RAY_AUTH_MODE := disabled
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup run test bench clean-staging
+
+setup: $(VENV)/.installed .dvc/config
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+.dvc/config:
+	dvc init --quiet
+
+run: setup
+	dvc repro
+	@echo "curated data: data/curated (stats: data/curated/stats.json)"
+
+test: setup
+	python -m pytest
+
+bench: setup
+	python benchmarks/curate.py
+
+clean-staging:
+	rm -rf data/staging

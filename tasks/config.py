@@ -1,0 +1,162 @@
+"""Typed, validated view of params.yaml.
+
+Every knob of the pipeline lives in params.yaml; this module turns it into pydantic
+objects so that an unknown key, a wrong type or an out-of-range value is reported,
+with the dotted key and what was expected, before any stage does work.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SOURCE_NAME = r"^[a-z][a-z0-9]{0,15}$"  # becomes the key prefix: no dots, underscores or slashes
+
+
+class ConfigError(ValueError):
+    """A params file that does not validate; the message names every bad key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GeneratedSource(Strict):
+    """The built-in procedural corpus of captioned shapes (tasks/corpus.py)."""
+
+    kind: Literal["generated"]
+    name: Annotated[str, Field(pattern=SOURCE_NAME)] = "gen"
+    train_pairs: Annotated[int, Field(ge=1)] = 10_000
+    eval_per_class: Annotated[int, Field(ge=0)] = 50
+    supersample: Annotated[int, Field(ge=1, le=4)] = 2
+    typical_color_prob: Annotated[float, Field(ge=0, le=1)] = 0.5
+    caption_noise: Annotated[float, Field(ge=0, le=1)] = 0.1
+    max_clutter: Annotated[int, Field(ge=0, le=32)] = 4
+    noise_std: Annotated[float, Field(ge=0, le=128)] = 6.0
+    min_scale: Annotated[float, Field(gt=0, le=1)] = 0.25
+    max_scale: Annotated[float, Field(gt=0, le=1)] = 0.45
+
+    @model_validator(mode="after")
+    def _scale_order(self):
+        if self.min_scale > self.max_scale:
+            raise ValueError(f"min_scale ({self.min_scale}) must be <= max_scale ({self.max_scale})")
+        return self
+
+
+class CsvSource(Strict):
+    """CleanCLIP's format: a CSV of image path (relative to the CSV) and caption."""
+
+    kind: Literal["csv"]
+    name: Annotated[str, Field(pattern=SOURCE_NAME)]
+    path: Path
+    sep: Annotated[str, Field(min_length=1, max_length=1)] = ","
+    image_column: str = "image"
+    caption_column: str = "caption"
+
+
+class WebdatasetSource(Strict):
+    """img2dataset / webdataset shards: a brace pattern or a glob of .tar files."""
+
+    kind: Literal["webdataset"]
+    name: Annotated[str, Field(pattern=SOURCE_NAME)]
+    urls: Annotated[str, Field(min_length=1)]
+
+
+class ImageFolderSource(Strict):
+    """ImageNet layout (root/<class>/<image>): becomes a labelled eval set."""
+
+    kind: Literal["image_folder"]
+    name: Annotated[str, Field(pattern=SOURCE_NAME)]
+    root: Path
+
+
+Source = Annotated[
+    Union[GeneratedSource, CsvSource, WebdatasetSource, ImageFolderSource],
+    Field(discriminator="kind"),
+]
+
+
+class CaptionConfig(Strict):
+    min_chars: Annotated[int, Field(ge=1)] = 3
+    max_chars: Annotated[int, Field(ge=1)] = 256
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) must be <= max_chars ({self.max_chars})")
+        return self
+
+
+class RunnerConfig(Strict):
+    """Where mapped Prefect tasks run: a local process pool, threads, or a Ray cluster."""
+
+    kind: Literal["process", "thread", "ray"] = "process"
+    workers: Annotated[int, Field(ge=1)] = 2
+    address: str | None = None  # ray only: None starts a local Ray, "auto" joins RAY_ADDRESS
+
+
+class ValidationConfig(Strict):
+    # Share of rows whose sha256 must be unique within a split; 1.0 is strict. Web data
+    # holds the same image under different captions (kept by the image+caption dedup).
+    sha256_unique_mostly: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+
+class CurateConfig(Strict):
+    out_dir: Path = Path("data/curated")
+    staging_dir: Path = Path("data/staging/curate")
+    image_size: Annotated[int, Field(ge=8, le=1024)] = 32
+    resize_mode: Literal["center_crop", "border", "squash"] = "center_crop"
+    image_format: Literal["png", "jpg", "webp"] = "png"
+    quality: Annotated[int, Field(ge=1, le=100)] = 95
+    min_image_side: Annotated[int, Field(ge=1)] = 8
+    max_image_pixels: Annotated[int, Field(ge=1)] = 89_478_485  # PIL's default bomb limit
+    caption: CaptionConfig = CaptionConfig()
+    shard_maxcount: Annotated[int, Field(ge=1)] = 2_000
+    partition_size: Annotated[int, Field(ge=1)] = 2_000
+    runner: RunnerConfig = RunnerConfig()
+    validation: ValidationConfig = ValidationConfig()
+    sources: Annotated[list[Source], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique, repeated: {dupes}")
+        return self
+
+
+class Params(Strict):
+    seed: Annotated[int, Field(ge=0)] = 0
+    curate: CurateConfig
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: {err.error_count()} invalid value(s):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
+        lines.append(f"  {key}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict, origin: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return parse_params(raw, str(path))

@@ -1,0 +1,266 @@
+"""The curate stage's work, as plain functions (the Prefect flow only orchestrates them).
+
+1. `plan_partitions`: check the sources, cut them into partitions (one output shard each at most).
+2. `process_partition` (parallel): decode, RGB, resize, re-encode, clean the caption, dedup
+   within the partition, write staging shards and a quarantine table. Idempotent: a finished
+   partition is read back from its marker, so a rerun after a crash resumes.
+3. `finalize`: dedup across partitions (first occurrence in plan order wins), number the shards,
+   write sizes.json, classes.json, quarantine.parquet and stats.json into `<out>.partial`.
+4. validation (tasks/validation.py), then `publish` swaps `<out>.partial` into place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from tasks.config import Params
+from tasks.images import Rejected, clean_caption, decode_image, encode_image, resize
+from tasks.shards import (
+    ShardSink, atomic_write_json, iter_tar_samples, read_manifest, write_table,
+)
+from tasks.sources import Partition, eval_metadata, plan, read_partition
+
+QUARANTINE_SCHEMA = pa.schema([
+    ("source", pa.string()), ("key", pa.string()), ("origin", pa.string()), ("split", pa.string()),
+    ("reason", pa.string()), ("detail", pa.string()),
+])
+
+
+def fingerprint(params: Params) -> str:
+    """Identifies the staging area: any change of seed or curate params starts afresh."""
+    blob = json.dumps({"seed": params.seed, "curate": params.curate.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def staging_dir(params: Params) -> Path:
+    return params.curate.staging_dir / fingerprint(params)
+
+
+def plan_partitions(params: Params) -> list[Partition]:
+    return plan(params.curate.sources, params.curate.shard_maxcount)
+
+
+def _dedup_digest(image_sha: str, caption: str) -> bytes:
+    return hashlib.sha256(f"{image_sha}\0{caption}".encode()).digest()
+
+
+def process_partition(params: Params, part: Partition) -> dict:
+    """Curate one partition into staging; returns its summary (also kept as a done-marker)."""
+    cfg = params.curate
+    stage = staging_dir(params)
+    marker = stage / f"p{part.index:06d}.done.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    stage.mkdir(parents=True, exist_ok=True)
+    src = next(s for s in cfg.sources if s.name == part.source)
+    sink = ShardSink(stage / f"p{part.index:06d}", cfg.shard_maxcount)
+    quarantine, seen = [], {}
+    counts = Counter()
+    started = time.time()
+    for rec in read_partition(src, part, params.seed, cfg.image_size):
+        counts["seen"] += 1
+        try:
+            if rec.rejected:
+                raise rec.rejected
+            caption, truncated = clean_caption(rec.caption, cfg.caption.min_chars, cfg.caption.max_chars)
+            im = rec.image if rec.image is not None else decode_image(rec.data, cfg.max_image_pixels)
+            if min(im.size) < cfg.min_image_side:
+                raise Rejected("too_small", f"{im.width}x{im.height} < {cfg.min_image_side} px")
+            data = encode_image(resize(im, cfg.image_size, cfg.resize_mode), cfg.image_format, cfg.quality)
+            sha = hashlib.sha256(data).hexdigest()
+            digest = _dedup_digest(sha, caption)
+            if digest in seen:
+                raise Rejected("duplicate", f"same image and caption as {seen[digest]}")
+            seen[digest] = rec.key
+        except Rejected as r:
+            quarantine.append(dict(source=part.source, key=rec.key, origin=rec.origin, split=part.split,
+                                   reason=r.reason, detail=r.detail))
+            continue
+        counts["captions_truncated"] += truncated
+        meta = dict(key=rec.key, source=part.source, split=rec.split, sha256=sha, width=cfg.image_size,
+                    height=cfg.image_size, origin=rec.origin, cls=rec.cls)
+        sample = {"__key__": rec.key, cfg.image_format: data, "txt": caption.encode(),
+                  "json": json.dumps(meta, sort_keys=True).encode()}
+        if rec.cls is not None:
+            sample["cls"] = str(rec.cls).encode()
+        sink.write(sample, {k: meta[k] for k in ("key", "sha256", "width", "height", "source", "split", "cls")}
+                   | {"caption": caption})
+    shards = sink.close()
+    write_table(stage / f"p{part.index:06d}.quarantine.parquet", pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA))
+    result = dict(partition=part.index, source=part.source, split=part.split, shards=shards,
+                  seen=counts["seen"], written=sum(s["n"] for s in shards), captions_truncated=counts["captions_truncated"],
+                  quarantined=dict(Counter(q["reason"] for q in quarantine)), started=started, finished=time.time())
+    atomic_write_json(marker, result)
+    return result
+
+
+def _output_group(result: dict) -> str:
+    """Where a partition's shards go: train/ for all training data, eval/<source>/ per eval set."""
+    return "train" if result["split"] == "train" else f"eval/{result['source']}"
+
+
+def _filter_shard(tar_path: Path, drop: set[str]) -> int:
+    """Rewrite a staged shard and its manifest without the `drop` keys; returns the kept count."""
+    tmp = tar_path.with_name(tar_path.name + ".tmp")
+    kept = 0
+    with open(tmp, "wb") as f:
+        writer = wds.TarWriter(f, user="", group="", mode=0o644, mtime=0.0, encoder=False)
+        for sample in iter_tar_samples(tar_path):
+            if sample["__key__"] not in drop:
+                writer.write(sample)
+                kept += 1
+        writer.close()
+    tmp.replace(tar_path)
+    manifest = pq.read_table(tar_path.with_suffix(".parquet"))
+    keep = pa.array([k not in drop for k in manifest.column("key").to_pylist()])
+    write_table(tar_path.with_suffix(".parquet"), manifest.filter(keep))
+    return kept
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link when possible (staging stays intact for a resume), else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def finalize(params: Params, results: list[dict]) -> Path:
+    """Assemble the staged partitions into `<out_dir>.partial`; returns that folder."""
+    cfg = params.curate
+    stage = staging_dir(params)
+    partial = Path(f"{cfg.out_dir}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    results = sorted(results, key=lambda r: r["partition"])
+
+    # Dedup across partitions: the first occurrence in plan order is kept.
+    seen: dict[str, dict[bytes, str]] = {}
+    duplicates = []
+    for res in results:
+        group = seen.setdefault(_output_group(res), {})
+        for shard in res["shards"]:
+            tar_path = stage / shard["tar"]
+            m = pq.read_table(tar_path.with_suffix(".parquet"), columns=["key", "sha256", "caption"]).to_pylist()
+            drop = set()
+            for row in m:
+                digest = _dedup_digest(row["sha256"], row["caption"])
+                if digest in group:
+                    drop.add(row["key"])
+                    duplicates.append(dict(source=res["source"], key=row["key"], origin=str(tar_path.name),
+                                           split=res["split"], reason="duplicate",
+                                           detail=f"same image and caption as {group[digest]}"))
+                else:
+                    group[digest] = row["key"]
+            if drop:
+                shard["n"] = _filter_shard(tar_path, drop)
+
+    # Number the shards per output folder, in plan order.
+    sizes: dict[str, dict[str, int]] = {}
+    for res in results:
+        group = _output_group(res)
+        dest = partial / group
+        dest.mkdir(parents=True, exist_ok=True)
+        names = sizes.setdefault(group, {})
+        for shard in res["shards"]:
+            if shard["n"] == 0:
+                continue
+            name = f"shard-{len(names):06d}.tar"
+            _link_or_copy(stage / shard["tar"], dest / name)
+            _link_or_copy((stage / shard["tar"]).with_suffix(".parquet"), (dest / name).with_suffix(".parquet"))
+            names[name] = shard["n"]
+    for group, names in sizes.items():
+        atomic_write_json(partial / group / "sizes.json", names)
+    for src in cfg.sources:
+        meta = eval_metadata(src)
+        if meta is not None and (partial / "eval" / src.name).is_dir():
+            atomic_write_json(partial / "eval" / src.name / "classes.json", meta)
+
+    quarantine = pa.concat_tables(
+        [pq.read_table(stage / f"p{r['partition']:06d}.quarantine.parquet", schema=QUARANTINE_SCHEMA) for r in results]
+        + [pa.Table.from_pylist(duplicates, schema=QUARANTINE_SCHEMA)]
+    )
+    partial.mkdir(parents=True, exist_ok=True)
+    write_table(partial / "quarantine.parquet", quarantine)
+    atomic_write_json(partial / "stats.json", _stats(results, quarantine, sizes))
+    return partial
+
+
+def _stats(results: list[dict], quarantine: pa.Table, sizes: dict) -> dict:
+    by_source: dict[str, dict] = {}
+    for res in results:
+        s = by_source.setdefault(res["source"], {"seen": 0, "written": 0, "quarantined": Counter(), "captions_truncated": 0})
+        s["seen"] += res["seen"]
+        s["captions_truncated"] += res["captions_truncated"]
+    for row in quarantine.select(["source", "reason"]).to_pylist():
+        by_source[row["source"]]["quarantined"][row["reason"]] += 1
+    for s in by_source.values():
+        s["quarantined"] = dict(sorted(s["quarantined"].items()))
+        s["written"] = s["seen"] - sum(s["quarantined"].values())
+    seen = sum(s["seen"] for s in by_source.values())
+    wall = max(r["finished"] for r in results) - min(r["started"] for r in results) if results else 0.0
+    return {
+        "sources": by_source,
+        "splits": {group: sum(n.values()) for group, n in sizes.items()},
+        "total": {"seen": seen, "written": sum(s["written"] for s in by_source.values()),
+                  "quarantined": dict(sorted(Counter(quarantine.column("reason").to_pylist()).items()))},
+        "throughput": {"partition_seconds": round(wall, 3), "samples_per_s": round(seen / wall, 1) if wall else None},
+    }
+
+
+def manifests(partial: Path) -> dict[str, "pa.Table"]:
+    """Each output folder's concatenated manifest, keyed by folder (train, eval/<source>)."""
+    return {str(p.parent.relative_to(partial)): read_manifest(p.parent) for p in sorted(partial.rglob("sizes.json"))}
+
+
+def publish(params: Params, partial: Path) -> Path:
+    """Swap the validated `<out>.partial` into place and drop the staging area."""
+    out = params.curate.out_dir
+    old = Path(f"{out}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    partial.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging_dir(params), ignore_errors=True)
+    return out
+
+
+def validate_curated(params: Params, partial: Path) -> list[dict]:
+    """Run the GX suites on every output folder's manifest; writes validation.json beside the data."""
+    from tasks.validation import validate
+
+    cfg = params.curate
+    tables = manifests(partial)
+    if not tables:
+        raise RuntimeError(f"curate wrote no samples: all were quarantined (see {partial / 'quarantine.parquet'})")
+    common = dict(image_size=cfg.image_size, caption_min_chars=cfg.caption.min_chars,
+                  caption_max_chars=cfg.caption.max_chars, sha256_unique_mostly=cfg.validation.sha256_unique_mostly)
+    reports = []
+    for group, table in tables.items():
+        df = table.to_pandas()
+        reports.append(validate(df, "curated_manifest", common, group))
+        if group.startswith("eval/"):
+            n_classes = len(json.loads((partial / group / "classes.json").read_text())["classnames"])
+            reports.append(validate(df, "labelled_eval", {"max_class_index": n_classes - 1}, group))
+    atomic_write_json(partial / "validation.json", {"success": all(r["success"] for r in reports), "reports": reports})
+    return reports
+
+
+def read_stats(out: Path) -> dict:
+    return json.loads((out / "stats.json").read_text()) | {"out_dir": str(out)}
+
+
+def stats_rows(stats: dict) -> list[dict]:
+    """One row per source, for a Prefect table artifact."""
+    return [{"source": name, "seen": s["seen"], "written": s["written"],
+             "quarantined": ", ".join(f"{k}={v}" for k, v in s["quarantined"].items()) or "-"}
+            for name, s in stats["sources"].items()]

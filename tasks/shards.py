@@ -1,0 +1,115 @@
+"""Byte-reproducible webdataset shards with a parquet manifest beside each tar."""
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+MANIFEST_SCHEMA = pa.schema([
+    ("key", pa.string()), ("caption", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
+    ("height", pa.int32()), ("source", pa.string()), ("split", pa.string()), ("cls", pa.int32()),
+])
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_table(path: Path, table: pa.Table) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+class ShardSink:
+    """Writes samples to `{prefix}-{n:06d}.tar` (+ `.parquet`), rolling over at maxcount.
+
+    Members are sorted per sample, with fixed mtime, owner and mode, so the same samples in
+    the same order give the same bytes. Each tar and manifest appears only once complete.
+    """
+
+    def __init__(self, prefix: Path, maxcount: int):
+        self.prefix, self.maxcount = prefix, maxcount
+        self.shards: list[dict] = []  # {"tar": name, "n": count}
+        self._tar = self._writer = None
+        self._rows: list[dict] = []
+
+    def _open(self):
+        path = Path(f"{self.prefix}-{len(self.shards):06d}.tar")
+        self._path = path
+        self._tar = open(path.with_name(path.name + ".tmp"), "wb")
+        self._writer = wds.TarWriter(self._tar, user="", group="", mode=0o644, mtime=0.0, encoder=False)
+
+    def write(self, sample: dict[str, bytes], row: dict) -> None:
+        if self._writer is None:
+            self._open()
+        self._writer.write(sample)
+        self._rows.append(row)
+        if len(self._rows) >= self.maxcount:
+            self._close()
+
+    def _close(self):
+        self._writer.close()  # closes the file object too
+        os.replace(self._tar.name, self._path)
+        write_table(self._path.with_suffix(".parquet"), pa.Table.from_pylist(self._rows, schema=MANIFEST_SCHEMA))
+        self.shards.append({"tar": self._path.name, "n": len(self._rows)})
+        self._tar = self._writer = None
+        self._rows = []
+
+    def close(self) -> list[dict]:
+        if self._writer is not None:
+            self._close()
+        return self.shards
+
+
+class TruncatedTar(Exception):
+    """A tar that ends or breaks inside `key` (None: before the first sample)."""
+
+    def __init__(self, key: str | None, cause: Exception):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.key = key
+
+
+def iter_tar_samples(path) -> Iterator[dict]:
+    """Stream a webdataset tar as {"__key__": key, ext: bytes, ...}, one dict per sample.
+
+    Consecutive members sharing a key form a sample; directories and img2dataset's `_*`
+    files are skipped. A truncated or corrupt tar raises TruncatedTar after the samples
+    that were complete.
+    """
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for info in tar:
+                base, _, ext = info.name.partition(".")
+                if not info.isfile() or base.rsplit("/", 1)[-1].startswith("_"):
+                    continue
+                if base != key:
+                    if key is not None:
+                        yield sample
+                    key, sample = base, {"__key__": base}
+                sample[ext.lower()] = tar.extractfile(info).read()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise TruncatedTar(key, err) from err
+    if key is not None:
+        yield sample
+
+
+def read_manifest(shard_dir: Path) -> pa.Table:
+    """All per-shard manifests of a folder, in shard order."""
+    files = sorted(shard_dir.glob("*.parquet"))
+    if not files:
+        return MANIFEST_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(f, schema=MANIFEST_SCHEMA) for f in files])

@@ -1,0 +1,82 @@
+"""Great Expectations suites (JSON files in expectations/) run on pandas tables.
+
+A suite's `{"$PARAMETER": name}` values are filled from params at run time. `validate`
+returns a compact, JSON-serialisable report; `raise_on_failure` turns a failed report
+into an error naming each failed expectation and sample offending rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+
+SUITES_DIR = Path(__file__).resolve().parent.parent / "expectations"
+SAMPLE_ROWS = 10
+
+
+class ValidationFailed(RuntimeError):
+    def __init__(self, reports: list[dict]):
+        self.reports = reports
+        lines = ["data validation failed:"]
+        for rep in reports:
+            for r in rep["results"]:
+                if not r["success"]:
+                    lines.append(f"  [{rep['suite']} on {rep['data']}] {r['expectation']}({r['kwargs']}): "
+                                 f"{r['unexpected_count']} offending row(s), e.g. {r['sample_rows']}")
+        super().__init__("\n".join(lines))
+
+
+@lru_cache(maxsize=1)
+def _context():
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch = ctx.data_sources.add_pandas("tables").add_dataframe_asset("table").add_batch_definition_whole_dataframe("all")
+    return ctx, batch
+
+
+@lru_cache(maxsize=None)
+def load_suite(name: str):
+    from great_expectations.core import ExpectationSuite
+
+    path = SUITES_DIR / f"{name}.json"
+    spec = json.loads(path.read_text())
+    ctx, _ = _context()
+    return ctx.suites.add(ExpectationSuite(name=spec["name"], expectations=spec["expectations"], notes=spec.get("notes")))
+
+
+def validate(df: pd.DataFrame, suite: str, parameters: dict, data: str, id_column: str = "key") -> dict:
+    """Run `suite` on `df`; offending rows are reported by `id_column`."""
+    _, batch = _context()
+    result = batch.get_batch(batch_parameters={"dataframe": df.reset_index(drop=True)}).validate(
+        load_suite(suite),
+        expectation_parameters=parameters,
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [id_column]},
+    ).to_json_dict()
+    results = []
+    for r in result["results"]:
+        cfg, res = r["expectation_config"], r.get("result") or {}
+        unexpected = res.get("unexpected_index_list") or []
+        results.append({
+            "expectation": cfg["type"],
+            "kwargs": {k: v for k, v in cfg["kwargs"].items() if k not in ("batch_id",)},
+            "success": bool(r["success"]),
+            "unexpected_count": res.get("unexpected_count", 0 if r["success"] else None),
+            "observed_value": res.get("observed_value"),
+            "sample_rows": unexpected[:SAMPLE_ROWS],
+            "exception": (r.get("exception_info") or {}).get("exception_message"),
+        })
+    return {"suite": suite, "data": data, "rows": len(df), "parameters": parameters,
+            "success": bool(result["success"]), "results": results}
+
+
+def raise_on_failure(reports: list[dict]) -> None:
+    failed = [r for r in reports if not r["success"]]
+    if failed:
+        raise ValidationFailed(failed)
