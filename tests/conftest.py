@@ -1,0 +1,143 @@
+import io
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+for var, value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "GX_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "DO_NOT_TRACK": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}.items():
+    os.environ.setdefault(var, value)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url():
+    """A real Prefect API (the test harness's temporary server) shared by the session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+def png_bytes(im: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+def random_image(seed: int, size=(48, 40), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+
+
+def write_tar(path: Path, samples: list[dict], truncate_last_at: int | None = None) -> None:
+    """A webdataset tar; optionally cut inside the last sample's image bytes (a truncated member)."""
+    with tarfile.open(path, "w") as tar:
+        for s in samples:
+            last_start = tar.fileobj.tell()
+            for ext, data in s.items():
+                if ext != "__key__":
+                    info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    if truncate_last_at is not None:  # cut inside the first member's data of the last sample
+        path.write_bytes(path.read_bytes()[: last_start + 512 + truncate_last_at])
+
+
+@pytest.fixture
+def mixed_sources(tmp_path) -> dict:
+    """A CSV, a webdataset tar and an image folder, each with known good and bad samples."""
+    root = tmp_path / "sources"
+    img_dir = root / "csv_images"
+    img_dir.mkdir(parents=True)
+    good = {
+        "rgb.png": png_bytes(random_image(1)),
+        "photo.jpg": png_bytes(random_image(2), "JPEG"),
+        "palette.png": png_bytes(random_image(3).convert("P")),
+        "alpha.png": png_bytes(random_image(4).convert("RGBA")),
+        "gray16.png": png_bytes(Image.fromarray(np.arange(48 * 40, dtype=np.uint16).reshape(40, 48) * 30)),
+        "cmyk.jpg": png_bytes(random_image(5).convert("CMYK"), "JPEG"),
+    }
+    for name, data in good.items():
+        (img_dir / name).write_bytes(data)
+    (img_dir / "not_an_image.png").write_bytes(b"this is plain text, not a PNG")
+    (img_dir / "tiny.png").write_bytes(png_bytes(random_image(6, (4, 4))))
+    (img_dir / "bomb.png").write_bytes(png_bytes(random_image(7, (400, 400))))
+    (img_dir / "empty_caption.png").write_bytes(png_bytes(random_image(8)))
+    rows = [("image", "caption")] + [(f"csv_images/{n}", f"a picture called {n}") for n in good]
+    rows += [
+        ("csv_images/missing.png", "the file is not there"),
+        ("csv_images/not_an_image.png", "text pretending to be an image"),
+        ("csv_images/tiny.png", "a tiny image"),
+        ("csv_images/bomb.png", "a very large image"),
+        ("csv_images/empty_caption.png", "   "),
+        ("csv_images/rgb.png", "a picture called rgb.png"),  # exact duplicate of row 0
+    ]
+    csv_path = root / "pairs.csv"
+    csv_path.write_text("\n".join(f"{a}\t{b}" for a, b in rows) + "\n")
+
+    tar_path = root / "shards" / "00000.tar"
+    tar_path.parent.mkdir()
+    samples = [{"__key__": f"00000000{i}", "jpg": png_bytes(random_image(20 + i), "JPEG"),
+                "txt": f"web caption number {i}".encode(), "json": b"{}"} for i in range(4)]
+    write_tar(tar_path, samples, truncate_last_at=100)
+
+    folder = root / "folder"
+    for ci, cls in enumerate(["cat", "dog_house"]):
+        (folder / cls).mkdir(parents=True)
+        for j in range(2):
+            (folder / cls / f"{j}.png").write_bytes(png_bytes(random_image(40 + 2 * ci + j)))
+    return {
+        "csv": {"kind": "csv", "name": "mycsv", "path": str(csv_path), "sep": "\t"},
+        "webdataset": {"kind": "webdataset", "name": "web", "urls": str(root / "shards" / "{00000..00000}.tar")},
+        "image_folder": {"kind": "image_folder", "name": "folder", "root": str(folder)},
+        "expected_quarantine": {
+            "mycsv_train_000000006": "missing_file", "mycsv_train_000000007": "undecodable_image",
+            "mycsv_train_000000008": "too_small", "mycsv_train_000000009": "decompression_bomb",
+            "mycsv_train_000000010": "empty_caption", "mycsv_train_000000011": "duplicate",
+            "web_000000003": "truncated_tar_member",
+        },
+        "expected_good": [f"mycsv_train_{i:09d}" for i in range(6)] + [f"web_00000000{i}" for i in range(3)],
+    }
+
+
+def tiny_params(tmp_path: Path, sources: list[dict], **curate) -> dict:
+    """Small, fast params for a test, writing under tmp_path."""
+    gen = {"kind": "generated", "name": "gen", "train_pairs": 40, "eval_per_class": 2}
+    return {
+        "seed": 7,
+        "curate": {
+            "out_dir": str(tmp_path / "data" / "curated"),
+            "staging_dir": str(tmp_path / "data" / "staging"),
+            "shard_maxcount": 16,
+            "max_image_pixels": 100_000,
+            "runner": {"kind": "thread", "workers": 2},
+            "sources": [gen] + sources,
+        } | curate,
+    }
+
+
+def write_params(path: Path, params: dict) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def copy_project(dest: Path) -> None:
+    """The files a stage needs, as a fresh checkout would have them."""
+    for name in ("flows", "tasks", "objectives", "expectations"):
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")

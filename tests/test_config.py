@@ -1,0 +1,64 @@
+import pytest
+
+from tasks.config import ConfigError, load_params, parse_params
+from tests.conftest import REPO, tiny_params, write_params
+
+
+def check_error(raw, *fragments):
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw, "params.yaml")
+    for f in fragments:
+        assert f in str(err.value), str(err.value)
+
+
+def test_repo_params_validate():
+    params = load_params(REPO / "params.yaml")
+    assert params.curate.image_size == 32
+    assert params.curate.sources[0].kind == "generated"
+
+
+def test_unknown_key_is_named(tmp_path):
+    raw = tiny_params(tmp_path, [])
+    raw["curate"]["imge_size"] = 32
+    check_error(raw, "curate.imge_size", "Extra inputs are not permitted")
+
+
+def test_wrong_type_and_range_are_named(tmp_path):
+    raw = tiny_params(tmp_path, [])
+    raw["curate"]["image_size"] = "big"
+    raw["curate"]["sources"][0]["train_pairs"] = -5
+    check_error(raw, "curate.image_size", "valid integer", "'big'",
+                "curate.sources.0.generated.train_pairs", "greater than or equal to 1", "-5")
+
+
+def test_unknown_source_kind_lists_the_known_ones(tmp_path):
+    raw = tiny_params(tmp_path, [{"kind": "s3bucket", "name": "x"}])
+    check_error(raw, "curate.sources.1", "'generated', 'csv', 'webdataset', 'image_folder'")
+
+
+def test_bad_enum_names_allowed_values(tmp_path):
+    raw = tiny_params(tmp_path, [], resize_mode="stretch")
+    check_error(raw, "curate.resize_mode", "'center_crop', 'border' or 'squash'")
+
+
+def test_duplicate_source_names_and_bad_name(tmp_path):
+    raw = tiny_params(tmp_path, [{"kind": "webdataset", "name": "gen", "urls": "x.tar"}])
+    check_error(raw, "source names must be unique", "gen")
+    raw = tiny_params(tmp_path, [{"kind": "webdataset", "name": "my.data", "urls": "x.tar"}])
+    check_error(raw, "curate.sources.1.webdataset.name", "pattern")
+
+
+def test_cross_field_checks(tmp_path):
+    raw = tiny_params(tmp_path, [], caption={"min_chars": 50, "max_chars": 10})
+    check_error(raw, "curate.caption", "min_chars (50) must be <= max_chars (10)")
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(ConfigError, match="curate"):  # missing section
+        load_params(write_params(tmp_path / "p.yaml", {"seed": 1}))

@@ -1,0 +1,70 @@
+"""`dvc repro` in a fresh git repo: runs the stage, is a no-op the second time, byte-identical when forced."""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import copy_project, tiny_params, write_params
+
+pytestmark = pytest.mark.integration
+
+
+def sh(cwd, *cmd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def shard_hashes(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((root / "data" / "curated").rglob("*.tar"))}
+
+
+def test_dvc_repro_noop_and_byte_identical(tmp_path, prefect_api_url):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_project(repo)
+    params = tiny_params(repo, [])
+    params["curate"]["out_dir"] = "data/curated"
+    params["curate"]["staging_dir"] = "data/staging"
+    write_params(repo / "params.yaml", params)
+    env = dict(os.environ, PREFECT_API_URL=prefect_api_url,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    sh(repo, "git", "init", "-q", env=env)
+    sh(repo, "dvc", "init", "-q", env=env)
+
+    first = sh(repo, "dvc", "repro", env=env)
+    assert "Running stage 'curate'" in first
+    hashes = shard_hashes(repo)
+    assert len(hashes) == 3 + 2  # 40 train pairs and 22 eval images, in shards of 16
+    assert (repo / "dvc.lock").is_file()
+
+    second = sh(repo, "dvc", "repro", env=env)
+    assert "Stage 'curate' didn't change, skipping" in second
+    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status", env=env)
+
+    sh(repo, "dvc", "repro", "--force", env=env)
+    assert shard_hashes(repo) == hashes
+
+    params["seed"] = 8
+    write_params(repo / "params.yaml", params)
+    assert "curate" in sh(repo, "dvc", "status", env=env)
+    assert "Running stage 'curate'" in sh(repo, "dvc", "repro", env=env)
+    changed = shard_hashes(repo)
+    assert changed.keys() == hashes.keys() and changed != hashes
+
+
+def test_stage_rejects_bad_params_before_work(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_project(repo)
+    params = tiny_params(repo, [])
+    params["curate"]["shard_maxcount"] = 0
+    write_params(repo / "params.yaml", params)
+    proc = subprocess.run([sys.executable, "-m", "flows.curate"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "curate.shard_maxcount: Input should be greater than or equal to 1 (got 0)" in proc.stderr
+    assert not (repo / "data").exists()
