@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from tasks.config import Params
 from tasks.images import Rejected, clean_caption, decode_image, encode_image, resize
 from tasks.shards import (
-    ShardSink, atomic_write_json, iter_tar_samples, read_manifest, write_table,
+    ShardSink, atomic_write_json, iter_tar_samples, read_manifest, TarSampleWriter, write_table,
 )
 from tasks.sources import Partition, eval_metadata, plan, read_partition
 
@@ -113,7 +112,7 @@ def _filter_shard(tar_path: Path, drop: set[str]) -> int:
     tmp = tar_path.with_name(tar_path.name + ".tmp")
     kept = 0
     with open(tmp, "wb") as f:
-        writer = wds.TarWriter(f, user="", group="", mode=0o644, mtime=0.0, encoder=False)
+        writer = TarSampleWriter(f)
         for sample in iter_tar_samples(tar_path):
             if sample["__key__"] not in drop:
                 writer.write(sample)

@@ -89,7 +89,10 @@ def clean_caption(text: str | None, min_chars: int, max_chars: int) -> tuple[str
     Captions over max_chars are cut at the last word boundary (web captions run long; the
     tokenizer truncates anyway), captions under min_chars after cleaning are rejected.
     """
-    text = _SPACE.sub(" ", ftfy.fix_text(text or "")).strip()
+    text = text or ""
+    if not text.isascii() or "&" in text:  # ftfy fixes mojibake and HTML entities; plain ASCII has neither
+        text = ftfy.fix_text(text)
+    text = _SPACE.sub(" ", text).strip()
     if not text:
         raise Rejected("empty_caption")
     if len(text) < min_chars:

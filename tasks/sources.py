@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Iterator
 
 from braceexpand import braceexpand
-from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
 from tasks import corpus
@@ -116,6 +115,8 @@ def eval_metadata(src) -> dict | None:
     if isinstance(src, GeneratedSource):
         return corpus.eval_metadata() if src.eval_per_class else None
     if isinstance(src, ImageFolderSource):
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES  # imports torch: only when needed
+
         return {
             "classnames": [c.replace("_", " ") for c in folder_classes(src)],
             "templates": [t("{}") for t in OPENAI_IMAGENET_TEMPLATES],
