@@ -1,0 +1,8 @@
+"""MMCL+SSL: the study's and CleanCLIP's objective, lambda1 * MMCL (un-augmented views) + lambda2 * SSL."""
+from objectives.base import WeightedSum
+from objectives.mmcl import MMCL
+from objectives.ssl import SSL
+
+
+def mmcl_ssl(mmcl: float = 1.0, ssl: float = 1.0) -> WeightedSum:
+    return WeightedSum({"mmcl": (mmcl, MMCL()), "ssl": (ssl, SSL())}, name="mmcl_ssl")
