@@ -128,9 +128,65 @@ class CurateConfig(Strict):
         return self
 
 
+PATCH_TRIGGERS = ("noise_patch", "fixed_patch", "yellow")
+WHOLE_IMAGE_TRIGGERS = ("blended", "sig", "wanet")
+
+
+class TriggerConfig(Strict):
+    """A backdoor trigger (tasks/triggers.py); defaults are the study's."""
+
+    name: Literal["noise_patch", "fixed_patch", "yellow", "blended", "sig", "wanet"] = "noise_patch"
+    patch_size: Annotated[float, Field(gt=0, le=1)] = 16 / 224  # side relative to the image side (>= 2 px)
+    # random | a corner | fixed (at `position`) for patch triggers; whole for blended, sig, wanet.
+    # None picks random for patch triggers and whole for the others.
+    placement: Literal["random", "top_left", "top_right", "bottom_left", "bottom_right", "fixed", "whole"] | None = None
+    position: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = (0.5, 0.5)
+    pattern: Path | None = None  # fixed_patch: an image file; default a black-and-white checkerboard
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.8  # blended: alpha * image + (1 - alpha) * noise
+    sig_amplitude: Annotated[float, Field(gt=0, le=255)] = 60.0  # sig: on the 0-255 scale
+    sig_periods: Annotated[int, Field(ge=1)] = 6
+    wanet_grid: Annotated[int, Field(ge=2, le=64)] = 4  # wanet: control points per side
+    wanet_strength: Annotated[float, Field(gt=0, le=4)] = 0.5
+
+    @model_validator(mode="after")
+    def _placement_fits_trigger(self):
+        whole = self.name in WHOLE_IMAGE_TRIGGERS
+        if self.placement is None:
+            object.__setattr__(self, "placement", "whole" if whole else "random")
+        elif whole != (self.placement == "whole"):
+            raise ValueError(f"placement {self.placement!r} does not fit trigger {self.name!r}: "
+                             f"{', '.join(WHOLE_IMAGE_TRIGGERS)} take 'whole'; patch triggers take random, a corner or fixed")
+        return self
+
+
+class CleaningSubsetConfig(Strict):
+    size: Annotated[int, Field(ge=1)] = 2_000  # clean pairs (the study: 100K)
+    poisons: Annotated[int, Field(ge=0)] = 0  # poisoned pairs added (the study's ablation: 1 to 25)
+
+
+class PoisonConfig(Strict):
+    in_dir: Path = Path("data/curated")
+    out_dir: Path = Path("data/poisoned")
+    eval_set: Annotated[str, Field(pattern=SOURCE_NAME)] = "gen"  # the curated eval set (source name) to trigger
+    target: Annotated[str, Field(min_length=1)] = "banana"
+    count: Annotated[int, Field(ge=1)] | None = None  # exactly one of count and rate
+    rate: Annotated[float, Field(gt=0, lt=1)] | None = None
+    label_consistent: bool = False  # poison only samples whose caption names the target; keep captions
+    trigger: TriggerConfig = TriggerConfig()
+    cleaning: CleaningSubsetConfig = CleaningSubsetConfig()
+    runner: RunnerConfig = RunnerConfig()
+
+    @model_validator(mode="after")
+    def _count_or_rate(self):
+        if (self.count is None) == (self.rate is None):
+            raise ValueError(f"set exactly one of count and rate (got count={self.count}, rate={self.rate})")
+        return self
+
+
 class Params(Strict):
     seed: Annotated[int, Field(ge=0)] = 0
     curate: CurateConfig
+    poison: PoisonConfig | None = None
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -24,7 +23,7 @@ import pyarrow.parquet as pq
 from tasks.config import Params
 from tasks.images import Rejected, clean_caption, decode_image, encode_image, resize
 from tasks.shards import (
-    ShardSink, atomic_write_json, iter_tar_samples, read_manifest, TarSampleWriter, write_table,
+    ShardSink, atomic_write_json, link_or_copy, read_manifest, rewrite_shard, swap_into_place, write_table,
 )
 from tasks.sources import Partition, eval_metadata, plan, read_partition
 
@@ -107,32 +106,6 @@ def _output_group(result: dict) -> str:
     return "train" if result["split"] == "train" else f"eval/{result['source']}"
 
 
-def _filter_shard(tar_path: Path, drop: set[str]) -> int:
-    """Rewrite a staged shard and its manifest without the `drop` keys; returns the kept count."""
-    tmp = tar_path.with_name(tar_path.name + ".tmp")
-    kept = 0
-    with open(tmp, "wb") as f:
-        writer = TarSampleWriter(f)
-        for sample in iter_tar_samples(tar_path):
-            if sample["__key__"] not in drop:
-                writer.write(sample)
-                kept += 1
-        writer.close()
-    tmp.replace(tar_path)
-    manifest = pq.read_table(tar_path.with_suffix(".parquet"))
-    keep = pa.array([k not in drop for k in manifest.column("key").to_pylist()])
-    write_table(tar_path.with_suffix(".parquet"), manifest.filter(keep))
-    return kept
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard link when possible (staging stays intact for a resume), else copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def finalize(params: Params, results: list[dict]) -> Path:
     """Assemble the staged partitions into `<out_dir>.partial`; returns that folder."""
     cfg = params.curate
@@ -160,7 +133,7 @@ def finalize(params: Params, results: list[dict]) -> Path:
                 else:
                     group[digest] = row["key"]
             if drop:
-                shard["n"] = _filter_shard(tar_path, drop)
+                shard["n"] = rewrite_shard(tar_path, tar_path, lambda s, drop=drop: None if s["__key__"] in drop else s)
 
     # Number the shards per output folder, in plan order.
     sizes: dict[str, dict[str, int]] = {}
@@ -173,8 +146,8 @@ def finalize(params: Params, results: list[dict]) -> Path:
             if shard["n"] == 0:
                 continue
             name = f"shard-{len(names):06d}.tar"
-            _link_or_copy(stage / shard["tar"], dest / name)
-            _link_or_copy((stage / shard["tar"]).with_suffix(".parquet"), (dest / name).with_suffix(".parquet"))
+            link_or_copy(stage / shard["tar"], dest / name)
+            link_or_copy((stage / shard["tar"]).with_suffix(".parquet"), (dest / name).with_suffix(".parquet"))
             names[name] = shard["n"]
     for group, names in sizes.items():
         atomic_write_json(partial / group / "sizes.json", names)
@@ -222,13 +195,7 @@ def manifests(partial: Path) -> dict[str, "pa.Table"]:
 
 def publish(params: Params, partial: Path) -> Path:
     """Swap the validated `<out>.partial` into place and drop the staging area."""
-    out = params.curate.out_dir
-    old = Path(f"{out}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    partial.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    out = swap_into_place(partial, params.curate.out_dir)
     shutil.rmtree(staging_dir(params), ignore_errors=True)
     return out
 

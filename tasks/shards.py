@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -126,9 +127,49 @@ def iter_tar_samples(path) -> Iterator[dict]:
         yield sample
 
 
+def rewrite_shard(src: Path, dest: Path, transform) -> int:
+    """Stream shard `src` (tar + parquet) to `dest`, each sample through `transform(sample)`, which
+    returns the sample to write or None to drop it; manifest rows follow the samples (caption from
+    `txt`, sha256 from `json`). Atomic; src may be dest. Returns the number of samples written."""
+    rows = {r["key"]: r for r in pq.read_table(src.with_suffix(".parquet")).to_pylist()}
+    kept = []
+    tmp = dest.with_name(dest.name + ".tmp")
+    with open(tmp, "wb") as f:
+        writer = TarSampleWriter(f)
+        for sample in iter_tar_samples(src):
+            new = transform(sample)
+            if new is not None:
+                writer.write(new)
+                kept.append(dict(rows[sample["__key__"]], caption=new["txt"].decode(),
+                                 sha256=json.loads(new["json"])["sha256"]))
+        writer.close()
+    os.replace(tmp, dest)
+    write_table(dest.with_suffix(".parquet"), pa.Table.from_pylist(kept, schema=MANIFEST_SCHEMA))
+    return len(kept)
+
+
 def read_manifest(shard_dir: Path) -> pa.Table:
     """All per-shard manifests of a folder, in shard order."""
     files = sorted(shard_dir.glob("*.parquet"))
     if not files:
         return MANIFEST_SCHEMA.empty_table()
     return pa.concat_tables([pq.read_table(f, schema=MANIFEST_SCHEMA) for f in files])
+
+
+def swap_into_place(partial: Path, out: Path) -> Path:
+    """Replace `out` with the finished `partial` folder (rename; the old copy is removed after)."""
+    old = Path(f"{out}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    partial.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link when possible (the source stays intact), else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

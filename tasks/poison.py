@@ -1,0 +1,312 @@
+"""The poison stage's work, as plain functions (the Prefect flow only orchestrates them).
+
+1. `plan_poison`: check params against the curated data (target class, counts, patch size) before
+   anything is written; choose the poisoned keys, their captions and the cleaning subset.
+2. `poison_shard` (parallel): copy one curated train shard into `<out>.partial/train/`, with the
+   chosen samples replaced in place (same key) by their triggered, re-captioned version.
+3. `write_eval_sets`: the clean labelled eval set and the ASR set (a triggered copy of every eval
+   image whose class is not the target).
+4. `write_cleaning_subset`: clean pairs (plus k poisoned ones, for the ablation) for the clean stage.
+5. `finalize` writes the ground truth `poison_manifest.parquet` and stats; `validate_poisoned` runs
+   the GX suites; `publish` swaps the folder into place.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from tasks.config import PATCH_TRIGGERS, Params, PoisonConfig
+from tasks.images import encode_image
+from tasks.shards import (
+    ShardSink, atomic_write_json, iter_tar_samples, link_or_copy, read_manifest, rewrite_shard, swap_into_place,
+    write_table,
+)
+from tasks.triggers import apply_trigger, sample_seed
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+MANIFEST_SCHEMA = pa.schema([
+    ("key", pa.string()), ("shard", pa.string()), ("trigger", pa.string()), ("placement", pa.string()),
+    ("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32()),
+    ("original_caption", pa.string()), ("new_caption", pa.string()),
+    ("original_sha256", pa.string()), ("new_sha256", pa.string()),
+])
+
+
+class PoisonError(ValueError):
+    """Params that do not fit the curated data; names the parameter. Raised before any write."""
+
+
+def poison_config(params: Params) -> PoisonConfig:
+    if params.poison is None:
+        raise PoisonError("params has no `poison` section")
+    return params.poison
+
+
+def names_target(caption: str, target: str) -> bool:
+    return re.search(rf"\b{re.escape(target)}s?\b", caption, flags=re.IGNORECASE) is not None
+
+
+def _templates() -> list[str]:
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+def plan_poison(params: Params) -> dict:
+    cfg = poison_config(params)
+    train_dir, eval_dir = cfg.in_dir / "train", cfg.in_dir / "eval" / cfg.eval_set
+    for folder in (train_dir, eval_dir):
+        if not (folder / "sizes.json").is_file():
+            raise PoisonError(f"poison.in_dir: {folder} holds no curated shards (run the curate stage first)")
+    classes = json.loads((eval_dir / "classes.json").read_text())["classnames"]
+    if cfg.target not in classes:
+        raise PoisonError(f"poison.target: {cfg.target!r} is not a class of eval set {cfg.eval_set!r}; classes: {classes}")
+
+    rows = []  # (key, caption, shard) in shard order
+    for shard in json.loads((train_dir / "sizes.json").read_text()):
+        table = pq.read_table((train_dir / shard).with_suffix(".parquet"), columns=["key", "caption", "width", "height"])
+        if not rows and cfg.trigger.name in PATCH_TRIGGERS:
+            side = min(table.column("width")[0].as_py(), table.column("height")[0].as_py())
+            if max(2, round(cfg.trigger.patch_size * side)) > side:
+                raise PoisonError(f"poison.trigger.patch_size: {cfg.trigger.patch_size} of a {side}px image is larger than it")
+        rows += [(k, c, shard) for k, c in zip(table.column("key").to_pylist(), table.column("caption").to_pylist())]
+    n_train = len(rows)
+    eligible = [i for i, (_, caption, _) in enumerate(rows) if not cfg.label_consistent or names_target(caption, cfg.target)]
+    n_poison = cfg.count if cfg.count is not None else round(cfg.rate * n_train)
+    what = f"poison.count={cfg.count}" if cfg.count is not None else f"poison.rate={cfg.rate} ({n_poison} of {n_train})"
+    if n_poison < 1 or n_poison > len(eligible):
+        mode = "label-consistent samples (captions naming the target)" if cfg.label_consistent else "training samples"
+        raise PoisonError(f"{what}: needs 1 to {len(eligible)} poisons, the number of eligible {mode}")
+
+    rng = np.random.default_rng((params.seed, 0x901507))
+    chosen = sorted(rng.choice(len(eligible), size=n_poison, replace=False).tolist())
+    poisoned = [eligible[i] for i in chosen]
+    templates = _templates()
+    by_shard: dict[str, dict[str, str]] = {}
+    for i in poisoned:
+        key, caption, shard = rows[i]
+        if not cfg.label_consistent:
+            pick = sample_seed(params.seed, key, "caption") % len(templates)
+            caption = templates[pick].format(cfg.target)
+        by_shard.setdefault(shard, {})[key] = caption
+
+    clean_pool = sorted(set(range(n_train)) - set(poisoned))
+    k = cfg.cleaning.poisons
+    if cfg.cleaning.size > len(clean_pool):
+        raise PoisonError(f"poison.cleaning.size={cfg.cleaning.size}: only {len(clean_pool)} non-poisoned training samples")
+    if k > n_poison:
+        raise PoisonError(f"poison.cleaning.poisons={k}: only {n_poison} poisoned samples")
+    rng = np.random.default_rng((params.seed, 0xC1EA4))
+    clean_keys = [rows[clean_pool[i]][0] for i in sorted(rng.choice(len(clean_pool), cfg.cleaning.size, replace=False))]
+    poison_keys = [rows[poisoned[i]][0] for i in sorted(rng.choice(n_poison, k, replace=False))]
+    shards = list(json.loads((train_dir / "sizes.json").read_text()))
+    return {"target": cfg.target, "target_index": classes.index(cfg.target), "n_train": n_train, "n_poison": n_poison,
+            "shards": shards, "poisons": by_shard, "cleaning": {"clean": clean_keys, "poisoned": poison_keys}}
+
+
+def partial_dir(params: Params) -> Path:
+    return Path(f"{poison_config(params).out_dir}.partial")
+
+
+def _image_ext(sample: dict) -> str:
+    return next(e for e in IMAGE_EXTS if e in sample)
+
+
+def trigger_sample(params: Params, sample: dict, caption: str | None, purpose: str) -> tuple[dict, tuple, dict]:
+    """A triggered copy of a webdataset sample (new image, optional new caption, json updated)."""
+    cfg = poison_config(params)
+    ext = _image_ext(sample)
+    with Image.open(io.BytesIO(sample[ext])) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    triggered, box = apply_trigger(pixels, cfg.trigger, sample_seed(params.seed, sample["__key__"], purpose), params.seed)
+    data = encode_image(Image.fromarray(triggered), "jpg" if ext == "jpeg" else ext, params.curate.quality)
+    meta = json.loads(sample["json"])
+    original_sha = meta["sha256"]
+    meta["sha256"] = hashlib.sha256(data).hexdigest()
+    out = dict(sample, **{ext: data, "json": json.dumps(meta, sort_keys=True).encode()})
+    if caption is not None:
+        out["txt"] = caption.encode()
+    return out, box, {"original_sha256": original_sha, "new_sha256": meta["sha256"]}
+
+
+def poison_shard(params: Params, shard: str, poisons: dict[str, str]) -> list[dict]:
+    """Copy one train shard with `poisons` ({key: new caption}) substituted in place; returns their
+    ground-truth manifest rows. Untouched samples keep their bytes."""
+    cfg = poison_config(params)
+    src, dest = cfg.in_dir / "train" / shard, partial_dir(params) / "train" / shard
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not poisons:
+        link_or_copy(src, dest)
+        link_or_copy(src.with_suffix(".parquet"), dest.with_suffix(".parquet"))
+        return []
+    records = []
+
+    def substitute(sample):
+        key = sample["__key__"]
+        if key not in poisons:
+            return sample
+        new, box, shas = trigger_sample(params, sample, poisons[key], "train")
+        records.append(dict(key=key, shard=shard, trigger=cfg.trigger.name, placement=cfg.trigger.placement,
+                            x0=box[0], y0=box[1], x1=box[2], y1=box[3], original_caption=sample["txt"].decode(),
+                            new_caption=poisons[key], **shas))
+        return new
+
+    rewrite_shard(src, dest, substitute)
+    return records
+
+
+def write_eval_sets(params: Params, plan: dict) -> dict[str, int]:
+    """eval/clean: the curated labelled eval set as is; eval/asr: a triggered copy of every eval image
+    whose class is not the target (same keys, so ASR and the clean target rate use the same images)."""
+    cfg = poison_config(params)
+    src_dir = cfg.in_dir / "eval" / cfg.eval_set
+    sizes = {"clean": {}, "asr": {}}
+    for name in sizes:
+        (partial_dir(params) / "eval" / name).mkdir(parents=True, exist_ok=True)
+        link_or_copy(src_dir / "classes.json", partial_dir(params) / "eval" / name / "classes.json")
+    for shard in json.loads((src_dir / "sizes.json").read_text()):
+        clean = partial_dir(params) / "eval" / "clean" / shard
+        link_or_copy(src_dir / shard, clean)
+        link_or_copy((src_dir / shard).with_suffix(".parquet"), clean.with_suffix(".parquet"))
+        sizes["clean"][shard] = pq.read_metadata(clean.with_suffix(".parquet")).num_rows
+
+        def trigger_non_target(sample):
+            if int(sample["cls"]) == plan["target_index"]:
+                return None
+            return trigger_sample(params, sample, None, "eval")[0]
+
+        n = rewrite_shard(src_dir / shard, partial_dir(params) / "eval" / "asr" / shard, trigger_non_target)
+        sizes["asr"][shard] = n
+    for name, shard_sizes in sizes.items():
+        atomic_write_json(partial_dir(params) / "eval" / name / "sizes.json", shard_sizes)
+    return {name: sum(v.values()) for name, v in sizes.items()}
+
+
+def write_cleaning_subset(params: Params, plan: dict) -> int:
+    """The clean stage's data: `cleaning.size` non-poisoned pairs plus `cleaning.poisons` poisoned
+    ones, from the poisoned training shards; which is which is in cleaning_manifest.parquet only."""
+    out = partial_dir(params)
+    wanted = {k: False for k in plan["cleaning"]["clean"]} | {k: True for k in plan["cleaning"]["poisoned"]}
+    (out / "cleaning").mkdir(parents=True, exist_ok=True)
+    sink = ShardSink(out / "cleaning" / "shard", params.curate.shard_maxcount)
+    for shard in plan["shards"]:
+        rows = {r["key"]: r for r in pq.read_table((out / "train" / shard).with_suffix(".parquet")).to_pylist()}
+        for sample in iter_tar_samples(out / "train" / shard):
+            if sample["__key__"] in wanted:
+                sink.write(sample, rows[sample["__key__"]])
+    shards = sink.close()
+    atomic_write_json(out / "cleaning" / "sizes.json", {s["tar"]: s["n"] for s in shards})
+    manifest = [{"key": k, "poisoned": v} for k, v in sorted(wanted.items())]
+    write_table(out / "cleaning_manifest.parquet", pa.Table.from_pylist(manifest))
+    return sum(s["n"] for s in shards)
+
+
+def finalize(params: Params, plan: dict, records: list[list[dict]], eval_sizes: dict, n_cleaning: int) -> Path:
+    out = partial_dir(params)
+    rows = sorted((r for shard_rows in records for r in shard_rows), key=lambda r: r["key"])
+    write_table(out / "poison_manifest.parquet", pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+    atomic_write_json(out / "train" / "sizes.json", json.loads((poison_config(params).in_dir / "train" / "sizes.json").read_text()))
+    cfg = poison_config(params)
+    atomic_write_json(out / "stats.json", {
+        "target": plan["target"], "trigger": cfg.trigger.model_dump(mode="json"), "train": plan["n_train"],
+        "poisons": len(rows), "poison_rate": len(rows) / plan["n_train"], "label_consistent": cfg.label_consistent,
+        "eval_clean": eval_sizes["clean"], "eval_asr": eval_sizes["asr"], "cleaning": n_cleaning,
+        "cleaning_poisons": len(plan["cleaning"]["poisoned"]),
+    })
+    return out
+
+
+def publish(params: Params, partial: Path) -> Path:
+    return swap_into_place(partial, poison_config(params).out_dir)
+
+
+def _decode(sample: dict) -> np.ndarray:
+    with Image.open(io.BytesIO(sample[_image_ext(sample)])) as im:
+        return np.asarray(im.convert("RGB")).astype(np.int16)
+
+
+def _image_sha(sample: dict) -> str:
+    return hashlib.sha256(sample[_image_ext(sample)]).hexdigest()
+
+
+def validation_tables(params: Params, out: Path) -> dict[str, pd.DataFrame]:
+    """What the GX suites check, recomputed from the files on disk (not from the plan)."""
+    cfg = poison_config(params)
+    curated = read_manifest(cfg.in_dir / "train").to_pandas().set_index("key")
+    manifest = pq.read_table(out / "poison_manifest.parquet").to_pandas()
+    boxes = manifest.set_index("key")
+    poisoned_keys = set(manifest["key"])
+
+    train, inside, outside, sha_ok = [], {}, {}, {}
+    for shard in json.loads((out / "train" / "sizes.json").read_text()):
+        originals = {}
+        if shard in set(manifest["shard"]):
+            originals = {s["__key__"]: s for s in iter_tar_samples(cfg.in_dir / "train" / shard)
+                         if s["__key__"] in poisoned_keys}
+        for s in iter_tar_samples(out / "train" / shard):
+            key, sha, caption = s["__key__"], _image_sha(s), s["txt"].decode()
+            in_curated = key in curated.index
+            same = in_curated and sha == curated.at[key, "sha256"] and caption == curated.at[key, "caption"]
+            train.append({"key": key, "in_curated": in_curated, "unexpected_change": key not in poisoned_keys and not same})
+            if key in originals:
+                b = boxes.loc[key]
+                diff = np.abs(_decode(s) - _decode(originals[key])).sum(axis=2) > 0
+                mask = np.zeros_like(diff)
+                mask[b.y0:b.y1, b.x0:b.x1] = True
+                inside[key], outside[key] = bool(diff[mask].any()), bool(diff[~mask].any())
+                sha_ok[key] = sha == b.new_sha256 and _image_sha(originals[key]) == b.original_sha256
+    manifest["changed_inside_box"] = manifest["key"].map(inside).fillna(False).astype(bool)
+    manifest["changed_outside_box"] = manifest["key"].map(outside).fillna(True).astype(bool)
+    manifest["manifest_sha_matches_shard"] = manifest["key"].map(sha_ok).fillna(False).astype(bool)
+
+    asr = read_manifest(out / "eval" / "asr").to_pandas()[["key", "cls"]]
+    cleaning = pq.read_table(out / "cleaning_manifest.parquet").to_pandas()
+    in_shards = set(read_manifest(out / "cleaning").to_pandas()["key"])
+    cleaning["poisoned_int"] = cleaning["poisoned"].astype(int)
+    cleaning["label_matches_ground_truth"] = cleaning["poisoned"] == cleaning["key"].isin(poisoned_keys)
+    cleaning["in_shards"] = cleaning["key"].isin(in_shards)
+    return {"poison_manifest": manifest, "poisoned_train": pd.DataFrame(train), "asr_set": asr, "cleaning_subset": cleaning}
+
+
+def validate_poisoned(params: Params, out: Path) -> list[dict]:
+    """Run the poison suites on `out`; writes validation.json there and returns the reports."""
+    from tasks.validation import validate
+
+    cfg = poison_config(params)
+    curated_eval = read_manifest(cfg.in_dir / "eval" / cfg.eval_set).to_pandas()
+    classes = json.loads((cfg.in_dir / "eval" / cfg.eval_set / "classes.json").read_text())["classnames"]
+    target_index = classes.index(cfg.target)
+    n_train = int(read_manifest(cfg.in_dir / "train").num_rows)
+    expected = [cfg.count] * 2 if cfg.count is not None else [math.floor(cfg.rate * n_train), math.ceil(cfg.rate * n_train)]
+    parameters = {
+        "poison_manifest": {"min_poisons": expected[0], "max_poisons": expected[1],
+                            "target_regex": rf"(?i)\b{re.escape(cfg.target)}s?\b",
+                            "allowed_outside_change": [False] if cfg.trigger.name in PATCH_TRIGGERS else [False, True]},
+        "poisoned_train": {"n_train": n_train},
+        "asr_set": {"n_asr": int((curated_eval["cls"] != target_index).sum()), "target_classes": [target_index]},
+        "cleaning_subset": {"n_cleaning": cfg.cleaning.size + cfg.cleaning.poisons, "k": cfg.cleaning.poisons},
+    }
+    reports = [validate(df, suite, parameters[suite], suite) for suite, df in validation_tables(params, out).items()]
+    atomic_write_json(out / "validation.json", {"success": all(r["success"] for r in reports), "reports": reports})
+    return reports
+
+
+def reset_partial(params: Params) -> None:
+    """Start `<out>.partial` afresh (a previous failed run may have left one)."""
+    shutil.rmtree(partial_dir(params), ignore_errors=True)
+    partial_dir(params).mkdir(parents=True)
+
+
+def read_stats(out: Path) -> dict:
+    return json.loads((out / "stats.json").read_text()) | {"out_dir": str(out)}
