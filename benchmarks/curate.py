@@ -56,20 +56,10 @@ def params_for(root: Path, sources: list[dict], runner: str = "thread", workers:
         "runner": {"kind": runner, "workers": workers}, "sources": sources}})
 
 
-def run_functions(params) -> dict:
-    """The stage's work without orchestration: plan, every partition, finalize, validate, publish.
-    (A first call on 50 samples warms the imports: one-off costs, not per-sample ones.)"""
-    results = [curate.process_partition(params, p) for p in curate.plan_partitions(params)]
-    partial = curate.finalize(params, results)
-    curate.validate_curated(params, partial)
-    curate.publish(params, partial)
-    return curate.read_stats(params.curate.out_dir)
-
-
 def rss_child(n: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         params = params_for(Path(tmp), [{"kind": "generated", "name": "gen", "train_pairs": n, "eval_per_class": 0}])
-        run_functions(params)
+        curate.run_sequential(params)
     print(json.dumps({"n": n, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -89,10 +79,10 @@ def main() -> None:
         csv_path = make_csv_source(root / "src", args.n)
         source = [{"kind": "csv", "name": "bench", "path": str(csv_path)}]
         bare = bare_loop(csv_path, args.n)
-        run_functions(params_for(root / "warm", [dict(source[0], path=str(make_csv_source(root / "w", 50)))]))
+        curate.run_sequential(params_for(root / "warm", [dict(source[0], path=str(make_csv_source(root / "w", 50)))]))
 
         t = time.perf_counter()
-        stats = run_functions(params_for(root / "fn", source))
+        stats = curate.run_sequential(params_for(root / "fn", source))
         functions = args.n / (time.perf_counter() - t)
         assert stats["total"]["written"] == args.n, stats["total"]
 

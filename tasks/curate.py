@@ -230,3 +230,13 @@ def stats_rows(stats: dict) -> list[dict]:
     return [{"source": name, "seen": s["seen"], "written": s["written"],
              "quarantined": ", ".join(f"{k}={v}" for k, v in s["quarantined"].items()) or "-"}
             for name, s in stats["sources"].items()]
+
+
+def run_sequential(params: Params) -> dict:
+    """The whole stage in this process, without orchestration (benchmarks, test fixtures)."""
+    results = [process_partition(params, p) for p in plan_partitions(params)]
+    partial = finalize(params, results)
+    from tasks.validation import raise_on_failure
+
+    raise_on_failure(validate_curated(params, partial))
+    return read_stats(publish(params, partial))

@@ -310,3 +310,19 @@ def reset_partial(params: Params) -> None:
 
 def read_stats(out: Path) -> dict:
     return json.loads((out / "stats.json").read_text()) | {"out_dir": str(out)}
+
+
+def build(params: Params) -> Path:
+    """The stage's work up to validation, in this process (tests, benchmarks); returns `<out>.partial`."""
+    the_plan = plan_poison(params)
+    reset_partial(params)
+    records = [poison_shard(params, s, the_plan["poisons"].get(s, {})) for s in the_plan["shards"]]
+    return finalize(params, the_plan, records, write_eval_sets(params, the_plan), write_cleaning_subset(params, the_plan))
+
+
+def run_sequential(params: Params) -> dict:
+    from tasks.validation import raise_on_failure
+
+    partial = build(params)
+    raise_on_failure(validate_poisoned(params, partial))
+    return read_stats(publish(params, partial))

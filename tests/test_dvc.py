@@ -20,7 +20,7 @@ def sh(cwd, *cmd, env):
 
 def shard_hashes(root: Path) -> dict:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((root / "data" / "curated").rglob("*.tar"))}
+            for p in sorted((root / "data").rglob("*.tar")) if "staging" not in p.parts}
 
 
 def test_dvc_repro_noop_and_byte_identical(tmp_path, prefect_api_url):
@@ -30,6 +30,8 @@ def test_dvc_repro_noop_and_byte_identical(tmp_path, prefect_api_url):
     params = tiny_params(repo, [])
     params["curate"]["out_dir"] = "data/curated"
     params["curate"]["staging_dir"] = "data/staging"
+    params["poison"] = {"count": 4, "cleaning": {"size": 10}, "trigger": {"patch_size": 0.25},
+                        "runner": {"kind": "thread", "workers": 2}}
     write_params(repo / "params.yaml", params)
     env = dict(os.environ, PREFECT_API_URL=prefect_api_url,
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -37,24 +39,34 @@ def test_dvc_repro_noop_and_byte_identical(tmp_path, prefect_api_url):
     sh(repo, "dvc", "init", "-q", env=env)
 
     first = sh(repo, "dvc", "repro", env=env)
-    assert "Running stage 'curate'" in first
+    assert "Running stage 'curate'" in first and "Running stage 'poison'" in first
     hashes = shard_hashes(repo)
-    assert len(hashes) == 3 + 2  # 40 train pairs and 22 eval images, in shards of 16
+    # curated: 40 train pairs and 22 eval images in shards of 16; poisoned: train, clean eval, ASR eval, cleaning
+    assert len(hashes) == (3 + 2) + (3 + 2 + 2 + 1)
     assert (repo / "dvc.lock").is_file()
 
     second = sh(repo, "dvc", "repro", env=env)
-    assert "Stage 'curate' didn't change, skipping" in second
+    assert "Stage 'curate' didn't change, skipping" in second and "Stage 'poison' didn't change, skipping" in second
     assert "Data and pipelines are up to date" in sh(repo, "dvc", "status", env=env)
 
     sh(repo, "dvc", "repro", "--force", env=env)
     assert shard_hashes(repo) == hashes
+
+    # A poison-only change reruns poison, not curate.
+    params["poison"]["count"] = 5
+    write_params(repo / "params.yaml", params)
+    rerun = sh(repo, "dvc", "repro", env=env)
+    assert "Stage 'curate' didn't change, skipping" in rerun and "Running stage 'poison'" in rerun
+    changed = shard_hashes(repo)
+    assert {k for k in hashes if changed[k] != hashes[k]} <= {k for k in hashes if k.startswith("data/poisoned")}
+    assert changed != hashes
 
     params["seed"] = 8
     write_params(repo / "params.yaml", params)
     assert "curate" in sh(repo, "dvc", "status", env=env)
     assert "Running stage 'curate'" in sh(repo, "dvc", "repro", env=env)
     changed = shard_hashes(repo)
-    assert changed.keys() == hashes.keys() and changed != hashes
+    assert changed.keys() == hashes.keys() and changed["data/curated/train/shard-000000.tar"] != hashes["data/curated/train/shard-000000.tar"]
 
 
 def test_stage_rejects_bad_params_before_work(tmp_path):
