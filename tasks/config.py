@@ -183,10 +183,59 @@ class PoisonConfig(Strict):
         return self
 
 
+class PretrainConfig(Strict):
+    """CLIP-style pre-training with Ray Train (tasks/pretrain.py); defaults sized for 2 CPU cores."""
+
+    data_dir: Path = Path("data/poisoned/train")  # the (poisoned) training shards
+    baseline_data_dir: Path = Path("data/curated/train")  # the clean shards, for unpoisoned baselines
+    out_dir: Path = Path("data/models/pretrain")  # <objective>/ and clean-<objective>/ per run
+    storage_dir: str = "data/staging/pretrain"  # Ray Train run storage (checkpoints, resume); shared path on a cluster
+    objectives: Annotated[list[str], Field(min_length=1)] = ["mmcl", "mmcl_ssl"]
+    baselines: list[str] = []  # objectives also trained on the clean shards
+    weights: dict[str, dict[str, float]] = {}  # per objective, e.g. {mmcl_ssl: {mmcl: 1, ssl: 1}}
+    model: Annotated[str, Field(min_length=1)] = "rn-tiny"  # an open_clip model name or a config in models/
+    epochs: Annotated[int, Field(ge=1)] = 8
+    batch_size: Annotated[int, Field(ge=2)] = 128  # global, over all workers
+    accum_steps: Annotated[int, Field(ge=1)] = 1  # gradient accumulation: optimiser steps every N batches
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    warmup_steps: Annotated[int, Field(ge=0)] = 50
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    beta1: Annotated[float, Field(ge=0, lt=1)] | None = None  # None: 0.9
+    beta2: Annotated[float, Field(ge=0, lt=1)] | None = None  # None: 0.98 for ViTs, 0.999 for ResNets (open_clip)
+    eps: Annotated[float, Field(gt=0)] | None = None  # None: 1e-6 for ViTs, 1e-8 for ResNets
+    grad_clip: Annotated[float, Field(gt=0)] | None = None
+    split: Literal["samples", "shards"] = "samples"  # how workers share the stream (tasks/loader.py)
+    shuffle_buffer: Annotated[int, Field(ge=1)] = 1000
+    checkpoint_every: Annotated[int, Field(ge=1)] = 100  # optimiser steps
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    log_every: Annotated[int, Field(ge=1)] = 10
+    num_workers: Annotated[int, Field(ge=1)] = 1  # Ray Train workers (processes; one per GPU on a cluster)
+    use_gpu: Literal["auto", True, False] = "auto"
+    threads_per_worker: Annotated[int, Field(ge=1)] | None = None  # None: the machine's cores / workers
+    max_failures: Annotated[int, Field(ge=0)] = 1  # worker restarts from the last checkpoint
+
+    @model_validator(mode="after")
+    def _known_objectives(self):
+        from objectives import REGISTRY, objective_options
+
+        for name in set(self.objectives) | set(self.baselines) | set(self.weights):
+            if name not in REGISTRY:
+                raise ValueError(f"unknown objective {name!r}; known objectives: {sorted(REGISTRY)}")
+        for name, weights in self.weights.items():
+            unknown = sorted(set(weights) - set(objective_options(name)))
+            if unknown:
+                raise ValueError(f"weights.{name}: {unknown} not accepted; {name} takes {objective_options(name) or 'none'}")
+        if self.batch_size % (self.num_workers * self.accum_steps):
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by num_workers x accum_steps "
+                             f"({self.num_workers} x {self.accum_steps})")
+        return self
+
+
 class Params(Strict):
     seed: Annotated[int, Field(ge=0)] = 0
     curate: CurateConfig
     poison: PoisonConfig | None = None
+    pretrain: PretrainConfig | None = None
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

@@ -1,0 +1,51 @@
+"""Pretrain flow: one model per objective in params (and the unpoisoned baselines), with Ray Train.
+
+    python -m flows.pretrain [--params params.yaml] [--objective NAME] [--baseline]
+
+With no --objective it trains every `pretrain.objectives` on the poisoned shards and every
+`pretrain.baselines` on the clean ones. RAY_ADDRESS joins an existing Ray cluster.
+"""
+from __future__ import annotations
+
+import argparse
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+
+from flows.common import params_from_argv, prefect_api
+from tasks import pretrain
+from tasks.config import Params
+
+train = task(pretrain.train, name="train", retries=1, retry_delay_seconds=5,  # a retry resumes from the checkpoint
+             task_run_name="train-{objective}{baseline}")
+
+
+@flow(name="pretrain")
+def pretrain_flow(params: Params, runs: list[tuple[str, bool]]) -> list[dict]:
+    for objective, baseline in runs:  # fail fast: every run is checked before the first trains
+        pretrain.plan_run(params, objective, baseline)
+    results = [train(params, objective, baseline) for objective, baseline in runs]
+    create_table_artifact(key="pretrain-runs", table=[{k: str(v) for k, v in r.items()} for r in results],
+                          description="pre-trained models")
+    return results
+
+
+def runs_from(params: Params, objective: str | None, baseline: bool) -> list[tuple[str, bool]]:
+    cfg = pretrain.pretrain_config(params)
+    if objective:
+        return [(objective, baseline)]
+    return [(o, False) for o in cfg.objectives] + [(o, True) for o in cfg.baselines]
+
+
+if __name__ == "__main__":
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--objective")
+    extra.add_argument("--baseline", action="store_true", help="train on the clean (curated) shards")
+    args, rest = extra.parse_known_args()
+    params = params_from_argv(__doc__, rest)
+    runs = runs_from(params, args.objective, args.baseline)
+    with prefect_api():
+        for metrics in pretrain_flow(params, runs):
+            print(f"trained {metrics['objective']}{' (clean baseline)' if metrics['baseline'] else ''}: "
+                  f"{metrics['steps']} steps, loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}, "
+                  f"{metrics['samples_per_s']:.0f} samples/s")

@@ -1,0 +1,313 @@
+"""Pre-training: open_clip models trained from scratch under any objective, with Ray Train.
+
+`train(params, objective, baseline)` runs on the driver: checks the run before any work, starts
+(or joins, with RAY_ADDRESS) Ray, runs `train_loop_per_worker` on `pretrain.num_workers` workers with
+TorchTrainer, and exports the final model. A rerun with the same params resumes the same Ray run
+from its latest checkpoint (same step, optimiser, scheduler and data position).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from objectives import clamp_logit_scale, get_objective
+from tasks.config import Params, PretrainConfig, parse_params
+from tasks.loader import SUPPORTED_VIEWS, BatchStream, shard_sizes
+from tasks.shards import atomic_write_json
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+class PretrainError(ValueError):
+    """A run that cannot start: names the parameter or file. Raised before training."""
+
+
+def pretrain_config(params: Params) -> PretrainConfig:
+    if params.pretrain is None:
+        raise PretrainError("params has no `pretrain` section")
+    return params.pretrain
+
+
+def run_label(objective: str, baseline: bool) -> str:
+    return f"clean-{objective}" if baseline else objective
+
+
+def register_models() -> None:
+    import open_clip
+
+    open_clip.add_model_config(MODELS_DIR)
+
+
+def model_config(name: str) -> dict:
+    import open_clip
+
+    register_models()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise PretrainError(f"pretrain.model: open_clip knows no model {name!r}; configs in {MODELS_DIR}: "
+                            f"{sorted(p.stem for p in MODELS_DIR.glob('*.json'))}; built in: e.g. RN50, ViT-B-32")
+    return cfg
+
+
+def is_vit(cfg: dict) -> bool:
+    return not isinstance(cfg["vision_cfg"].get("layers"), (list, tuple))
+
+
+def build_model(name: str, objective: str):
+    """(model, preprocess, tokenizer) from scratch; SigLIP gets open_clip's scale and bias init."""
+    import open_clip
+
+    register_models()
+    extra = {}
+    if objective == "siglip":
+        from objectives.siglip import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
+
+        extra = {"init_logit_scale": INIT_LOGIT_SCALE, "init_logit_bias": INIT_LOGIT_BIAS}
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **extra)
+    return model, preprocess, open_clip.get_tokenizer(name)
+
+
+class DualEncoder(torch.nn.Module):
+    """One forward for every view an objective needs, so DDP sees a single forward per step."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> dict:
+        m = self.model
+        out = {"image": m.encode_image(batch["image"], normalize=True),
+               "text": m.encode_text(batch["text"], normalize=True),
+               "logit_scale": m.logit_scale, "logit_bias": getattr(m, "logit_bias", None)}
+        if "image_aug" in batch:
+            out["image_aug"] = m.encode_image(batch["image_aug"], normalize=True)
+        if "text_aug" in batch:
+            out["text_aug"] = m.encode_text(batch["text_aug"], normalize=True)
+        return out
+
+
+def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, vit: bool) -> torch.optim.AdamW:
+    """AdamW as open_clip: weight decay on weight matrices only (not norms, biases, gains, logit scale)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if skip else decay).append(p)
+    betas = (cfg.beta1 or 0.9, cfg.beta2 or (0.98 if vit else 0.999))
+    eps = cfg.eps or (1e-6 if vit else 1e-8)
+    return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.weight_decay}],
+                             lr=cfg.lr, betas=betas, eps=eps)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine to 0 at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def fingerprint(params: Params, objective: str, baseline: bool) -> str:
+    blob = json.dumps({"seed": params.seed, "pretrain": params.pretrain.model_dump(mode="json"),
+                       "objective": objective, "baseline": baseline}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def plan_run(params: Params, objective: str, baseline: bool = False) -> dict:
+    """Everything a run needs, checked before Ray starts: model, objective views, data, batch size."""
+    cfg = pretrain_config(params)
+    mcfg = model_config(cfg.model)
+    obj = get_objective(objective, **cfg.weights.get(objective, {}))
+    unsupported = sorted(obj.views - SUPPORTED_VIEWS)
+    if unsupported:
+        raise PretrainError(f"objective {objective!r} needs views {unsupported} that the loader cannot build "
+                            f"(it builds {sorted(SUPPORTED_VIEWS)})")
+    data_dir = cfg.baseline_data_dir if baseline else cfg.data_dir
+    try:
+        n = sum(shard_sizes(data_dir).values())
+    except FileNotFoundError as err:
+        raise PretrainError(f"pretrain.{'baseline_' if baseline else ''}data_dir: {err}") from None
+    if cfg.batch_size > n:
+        raise PretrainError(f"pretrain.batch_size={cfg.batch_size} is larger than the dataset ({n} samples in {data_dir})")
+    label = run_label(objective, baseline)
+    run_id = f"{label}-{fingerprint(params, objective, baseline)}"
+    storage = cfg.storage_dir if "://" in cfg.storage_dir else str(Path(cfg.storage_dir).resolve())
+    return {"objective": objective, "baseline": baseline, "label": label, "run_id": run_id,
+            "data_dir": str(data_dir.resolve()),  # Ray workers run in their own working directory
+            "n_samples": n, "steps_per_epoch": (n // cfg.batch_size) // cfg.accum_steps, "model_config": mcfg,
+            "storage": storage, "out_dir": str(cfg.out_dir / label), "views": sorted(obj.views)}
+
+
+def _save_checkpoint(directory: Path, model, optimizer, scheduler, position: dict, run: dict) -> None:
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), **position}, directory / "state.pt")
+    atomic_write_json(directory / "meta.json", {"model_config": run["model_config"], "objective": run["objective"],
+                                                "run_id": run["run_id"], **position})
+
+
+def _load_checkpoint(directory: Path, model, optimizer, scheduler, run: dict) -> dict:
+    meta = json.loads((directory / "meta.json").read_text())
+    if meta["model_config"] != run["model_config"]:
+        raise PretrainError(f"checkpoint {directory} was saved from another model config: {meta['model_config']} "
+                            f"!= {run['model_config']}")
+    state = torch.load(directory / "state.pt", weights_only=True, map_location="cpu")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return {k: state[k] for k in ("step", "epoch", "batch")}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    params, run = parse_params(config["params"]), config["run"]
+    cfg = params.pretrain
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(params.seed)
+    model, preprocess, tokenizer = build_model(cfg.model, run["objective"])
+    objective = get_objective(run["objective"], **cfg.weights.get(run["objective"], {}))
+    stream = BatchStream(Path(run["data_dir"]), cfg.batch_size, rank, world, params.seed, preprocess, tokenizer,
+                         objective.views, cfg.split, cfg.shuffle_buffer)
+    steps_per_epoch = run["steps_per_epoch"]
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer = make_optimizer(model, cfg, is_vit(run["model_config"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
+    position = {"step": 0, "epoch": 0, "batch": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            position = _load_checkpoint(Path(d), model, optimizer, scheduler, run)
+    ddp = ray.train.torch.prepare_model(DualEncoder(model))
+    device = ray.train.torch.get_device()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    log_path = Path(run["storage"]) / run["run_id"] / "train_log.jsonl"
+    if rank == 0:  # keep the log consistent with the checkpoint resumed from
+        lines = log_path.read_text().splitlines() if log_path.exists() else []
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("".join(f"{l}\n" for l in lines if json.loads(l)["step"] <= position["step"]))
+    step, start_step, started = position["step"], position["step"], time.time()
+    window_start, window_samples = started, 0
+    for epoch in range(position["epoch"], cfg.epochs):
+        skip = position["batch"] if epoch == position["epoch"] else 0
+        batches = stream.epoch(epoch, skip_steps=skip, n_batches=steps_per_epoch * cfg.accum_steps)
+        for b, batch in enumerate(batches, start=skip):
+            tensors = {k: v.to(device) for k, v in batch.items() if k != "keys"}
+            with autocast:
+                loss, parts = objective(ddp(tensors))
+            (loss / cfg.accum_steps).backward()
+            window_samples += len(batch["keys"]) * world
+            if (b + 1) % cfg.accum_steps:
+                continue
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            clamp_logit_scale(model.logit_scale)
+            step += 1
+            done_epoch = b + 1 == steps_per_epoch * cfg.accum_steps
+            position = {"step": step, "epoch": epoch + done_epoch, "batch": 0 if done_epoch else b + 1}
+            metrics = {"step": step, "epoch": epoch + (b + 1) / (steps_per_epoch * cfg.accum_steps),
+                       "lr": scheduler.get_last_lr()[0], "logit_scale": model.logit_scale.exp().item(),
+                       **{k: v.item() for k, v in parts.items()}, "loss": loss.item()}
+            if step % cfg.log_every == 0 or step == total_steps:
+                now = time.time()
+                metrics["samples_per_s"] = window_samples / max(now - window_start, 1e-9)
+                window_start, window_samples = now, 0
+                if rank == 0:
+                    eta = (total_steps - step) * (now - started) / max(1, step - start_step)
+                    print(f"[{run['label']}] step {step}/{total_steps} epoch {metrics['epoch']:.2f} "
+                          f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} {metrics['samples_per_s']:.0f} samples/s "
+                          f"ETA {eta:.0f}s", flush=True)
+            if rank == 0:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            if step % cfg.checkpoint_every == 0 or step == total_steps:
+                with tempfile.TemporaryDirectory() as tmp:
+                    if rank == 0:
+                        _save_checkpoint(Path(tmp), model, optimizer, scheduler, position, run)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
+def init_ray(cfg: PretrainConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    for var, value in {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                       "RAY_USAGE_STATS_ENABLED": "0"}.items():
+        os.environ.setdefault(var, value)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.num_workers + 1), include_dashboard=False,
+                 logging_level="WARNING", _node_ip_address="127.0.0.1")
+
+
+def train(params: Params, objective: str, baseline: bool = False) -> dict:
+    """Train one model (resuming its run if a checkpoint exists) and export it; returns its metrics."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = pretrain_config(params)
+    run = plan_run(params, objective, baseline)
+    init_ray(cfg)
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if cfg.use_gpu == "auto" else cfg.use_gpu
+    threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"params": params.model_dump(mode="json"), "run": run, "threads": threads},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=run["run_id"], storage_path=run["storage"],
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+    )
+    started = time.time()
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return export(params, run, result.checkpoint, time.time() - started, use_gpu)
+
+
+def export(params: Params, run: dict, checkpoint, seconds: float, use_gpu: bool) -> dict:
+    """The final model as a plain state_dict + config, the last checkpoint, the log and metrics.json."""
+    out = Path(run["out_dir"])
+    partial = Path(f"{out}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    with checkpoint.as_directory() as d:
+        shutil.copytree(d, partial / "checkpoint")
+    state = torch.load(partial / "checkpoint" / "state.pt", weights_only=True, map_location="cpu")
+    torch.save(state["model"], partial / "model.pt")
+    atomic_write_json(partial / "model_config.json", {"model": params.pretrain.model, "objective": run["objective"],
+                                                      "open_clip_config": run["model_config"]})
+    log = Path(run["storage"]) / run["run_id"] / "train_log.jsonl"
+    shutil.copyfile(log, partial / "train_log.jsonl")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    rates = [r["samples_per_s"] for r in records if "samples_per_s" in r]
+    metrics = {"objective": run["objective"], "baseline": run["baseline"], "model": params.pretrain.model,
+               "steps": state["step"], "epochs": params.pretrain.epochs, "final_loss": records[-1]["loss"],
+               "first_loss": records[0]["loss"], "samples_per_s": sum(rates) / len(rates) if rates else None,
+               "wall_seconds": round(seconds, 1), "workers": params.pretrain.num_workers, "gpu": bool(use_gpu),
+               "parameters": sum(v.numel() for v in state["model"].values()), "run_id": run["run_id"]}
+    atomic_write_json(partial / "metrics.json", metrics)
+    from tasks.shards import swap_into_place
+
+    swap_into_place(partial, out)
+    return metrics
