@@ -190,6 +190,9 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             position = _load_checkpoint(Path(d), model, optimizer, scheduler, run)
+        if rank == 0:
+            print(f"[{run['label']}] resumed from checkpoint at step {position['step']} "
+                  f"(epoch {position['epoch']}, batch {position['batch']})", flush=True)
     ddp = ray.train.torch.prepare_model(DualEncoder(model))
     device = ray.train.torch.get_device()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)

@@ -1,0 +1,148 @@
+"""Evaluation metrics as plain functions: zero-shot accuracy, attack success rate beside the clean
+target rate, and retrieval recall. Shared by the pretrain, clean and evaluate stages.
+
+- Zero-shot: each class embedding is the normalised mean of the normalised embeddings of every
+  prompt template for the class (open_clip's `build_zero_shot_classifier`); top-1, top-5, per class.
+- ASR: on the triggered images whose true class is not the target, the share predicted as the target
+  (top-1; also top-5). The clean target rate is the same share on the same images without the
+  trigger: a model that over-predicts the target shows it there too, so we report both and the excess.
+- Retrieval: image->text and text->image recall@1/5/10 on held-out captioned pairs.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from tasks.loader import shard_sizes
+
+
+class EvalError(ValueError):
+    """An eval set or model that cannot be evaluated; names the file or parameter."""
+
+
+def load_classes(eval_dir: Path) -> dict:
+    path = eval_dir / "classes.json"
+    if not path.is_file():
+        raise EvalError(f"{eval_dir}: no classes.json (class names and prompt templates)")
+    meta = json.loads(path.read_text())
+    if not meta.get("classnames"):
+        raise EvalError(f"{path}: no class names")
+    return meta
+
+
+def target_index(classes: dict, target: str, where: str) -> int:
+    if target not in classes["classnames"]:
+        raise EvalError(f"target {target!r} is not a class of {where}; classes: {classes['classnames']}")
+    return classes["classnames"].index(target)
+
+
+@torch.no_grad()
+def classifier(model, tokenizer, classes: dict, device) -> torch.Tensor:
+    """[D, C] zero-shot weights, computed once per model and reused for clean and triggered sets."""
+    from open_clip import build_zero_shot_classifier
+
+    return build_zero_shot_classifier(model, tokenizer, classes["classnames"], classes["templates"],
+                                      num_classes_per_batch=16, device=device, use_tqdm=False)
+
+
+def _batches(eval_dir: Path, preprocess, batch_size: int):
+    urls = [str(eval_dir / name) for name in shard_sizes(eval_dir)]
+    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+    chunk = []
+    for sample in pipeline:
+        chunk.append(sample)
+        if len(chunk) == batch_size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _decode(sample) -> Image.Image:
+    ext = next(e for e in ("png", "jpg", "jpeg", "webp") if e in sample)
+    with Image.open(io.BytesIO(sample[ext])) as im:
+        return im.convert("RGB")
+
+
+@torch.no_grad()
+def predict(model, weights: torch.Tensor, eval_dir: Path, preprocess, device, batch_size: int = 256,
+            with_text: bool = False) -> dict:
+    """Streams an eval set: top-5 class predictions, true classes and keys (and image embeddings and
+    captions when `with_text`, for retrieval)."""
+    keys, labels, top5, embeddings, captions = [], [], [], [], []
+    for chunk in _batches(eval_dir, preprocess, batch_size):
+        images = torch.stack([preprocess(_decode(s)) for s in chunk]).to(device)
+        features = model.encode_image(images, normalize=True).float()
+        top5.append((features @ weights.float()).topk(min(5, weights.shape[1]), dim=1).indices.cpu())
+        keys += [s["__key__"] for s in chunk]
+        labels += [int(s["cls"]) for s in chunk]
+        if with_text:
+            embeddings.append(features.cpu())
+            captions += [s["txt"].decode() for s in chunk]
+    out = {"keys": keys, "labels": np.array(labels), "top5": torch.cat(top5).numpy() if top5 else np.zeros((0, 5), int)}
+    if with_text:
+        out |= {"image_embeddings": torch.cat(embeddings), "captions": captions}
+    return out
+
+
+def zero_shot_metrics(pred: dict, classnames: list[str]) -> dict:
+    labels, top5 = pred["labels"], pred["top5"]
+    hit1 = top5[:, 0] == labels
+    hit5 = (top5 == labels[:, None]).any(axis=1)
+    per_class = {name: float(hit1[labels == c].mean()) for c, name in enumerate(classnames) if (labels == c).any()}
+    return {"top1": float(hit1.mean()), "top5": float(hit5.mean()), "per_class": per_class, "n": int(len(labels))}
+
+
+def attack_metrics(asr_pred: dict, clean_pred: dict, target: int) -> dict:
+    """ASR on the triggered non-target images and the clean target rate on the same images untriggered."""
+    if not len(asr_pred["labels"]):
+        raise EvalError("the ASR set is empty: no triggered non-target images")
+    if (asr_pred["labels"] == target).any():
+        raise EvalError("the ASR set holds images of the target class")
+    row = {k: i for i, k in enumerate(clean_pred["keys"])}
+    missing = [k for k in asr_pred["keys"] if k not in row]
+    if missing:
+        raise EvalError(f"{len(missing)} ASR images have no clean counterpart, e.g. {missing[:3]}")
+    clean_top5 = clean_pred["top5"][[row[k] for k in asr_pred["keys"]]]
+    asr = float((asr_pred["top5"][:, 0] == target).mean())
+    clean_rate = float((clean_top5[:, 0] == target).mean())
+    return {"asr": asr, "asr_top5": float((asr_pred["top5"] == target).any(axis=1).mean()),
+            "clean_target_rate": clean_rate, "asr_excess": asr - clean_rate, "n_asr": int(len(asr_pred["labels"]))}
+
+
+@torch.no_grad()
+def retrieval_metrics(model, tokenizer, pred: dict, device, ks=(1, 5, 10)) -> dict:
+    """Image->text and text->image recall@k on the eval set's own (image, caption) pairs."""
+    images = pred["image_embeddings"].to(device)
+    texts = torch.cat([model.encode_text(tokenizer(pred["captions"][i:i + 256]).to(device), normalize=True).float()
+                       for i in range(0, len(pred["captions"]), 256)])
+    sim = images @ texts.T
+    truth = torch.arange(len(images), device=device)[:, None]
+    out = {}
+    for direction, scores in (("i2t", sim), ("t2i", sim.T)):
+        ranking = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+        for k in ks:
+            out[f"{direction}_r@{k}"] = float((ranking[:, :k] == truth).any(dim=1).float().mean())
+    return out
+
+
+def evaluate(model, preprocess, tokenizer, clean_dir: Path, asr_dir: Path | None, target: str | None, device="cpu",
+             batch_size: int = 256, retrieval: bool = True) -> dict:
+    """Every metric of one model on a clean labelled eval set and (optionally) its ASR set."""
+    classes = load_classes(clean_dir)
+    model.eval()
+    weights = classifier(model, tokenizer, classes, device)
+    clean = predict(model, weights, clean_dir, preprocess, device, batch_size, with_text=retrieval)
+    out = {"zero_shot": zero_shot_metrics(clean, classes["classnames"])}
+    if retrieval:
+        out["retrieval"] = retrieval_metrics(model, tokenizer, clean, device)
+    if asr_dir is not None:
+        t = target_index(classes, target, str(clean_dir))
+        out["attack"] = attack_metrics(predict(model, weights, asr_dir, preprocess, device, batch_size), clean, t)
+    return out

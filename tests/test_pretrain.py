@@ -1,0 +1,156 @@
+"""Pre-training with real Ray Train workers on tiny data: 2 workers, resume after a kill,
+1 vs 2 workers on the same global batch, uneven shards, and bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from objectives import REGISTRY
+from objectives.base import Objective
+from tasks import curate, pretrain
+from tasks.config import parse_params
+from tests.conftest import REPO, tiny_params, write_params
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """192 curated pairs in 3 shards of 64 (3 shards over 2 workers: uneven on purpose)."""
+    root = tmp_path_factory.mktemp("pretrain")
+    raw = tiny_params(root, [], shard_maxcount=64)
+    raw["curate"]["sources"][0] |= {"train_pairs": 192, "eval_per_class": 2}
+    curate.run_sequential(parse_params(raw))
+    return root, raw
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def params_with(data, tmp_path, **pretrain_cfg):
+    root, raw = data
+    raw = json.loads(json.dumps(raw))
+    raw["pretrain"] = {"data_dir": str(root / "data" / "curated" / "train"),
+                       "baseline_data_dir": str(root / "data" / "curated" / "train"),
+                       "out_dir": str(tmp_path / "models"), "storage_dir": str(tmp_path / "ray"),
+                       "model": "vit-tiny", "epochs": 2, "batch_size": 32, "lr": 2e-3, "warmup_steps": 2,
+                       "checkpoint_every": 4, "log_every": 2, "threads_per_worker": 1} | pretrain_cfg
+    return parse_params(raw)
+
+
+def log_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_two_workers_train_checkpoint_and_export(data, tmp_path):
+    params = params_with(data, tmp_path, num_workers=2, epochs=3, objectives=["mmcl_ssl"])
+    metrics = pretrain.train(params, "mmcl_ssl")
+    out = tmp_path / "models" / "mmcl_ssl"
+    assert metrics["steps"] == 3 * (192 // 32) and metrics["workers"] == 2
+    log = log_of(out)
+    assert [r["step"] for r in log] == list(range(1, 19))
+    assert {"mmcl", "ssl", "ssl_image", "ssl_text", "lr", "logit_scale"} <= log[0].keys()
+    assert sum(r["loss"] for r in log[-3:]) < sum(r["loss"] for r in log[:3])  # the loss falls
+    state = torch.load(out / "model.pt", weights_only=True)
+    model, _, _ = pretrain.build_model("vit-tiny", "mmcl_ssl")
+    model.load_state_dict(state)
+    checkpoint = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    assert checkpoint["step"] == 18 and {"optimizer", "scheduler", "model"} <= checkpoint.keys()
+    assert json.loads((out / "model_config.json").read_text())["open_clip_config"]["vision_cfg"]["patch_size"] == 8
+    assert json.loads((out / "metrics.json").read_text())["final_loss"] == log[-1]["loss"]
+
+
+def test_one_and_two_workers_same_first_step(data, tmp_path):
+    losses = {}
+    for workers in (1, 2):
+        params = params_with(data, tmp_path / str(workers), num_workers=workers, epochs=1)
+        pretrain.train(params, "mmcl")
+        losses[workers] = log_of(tmp_path / str(workers) / "models" / "mmcl")[0]["loss"]
+    assert losses[1] == pytest.approx(losses[2], abs=1e-5)
+
+
+def test_uneven_shards_split_by_shard_finish(data, tmp_path):
+    """3 shards on 2 workers with the `shards` split: every worker runs the same number of steps."""
+    params = params_with(data, tmp_path, num_workers=2, epochs=2, split="shards")
+    assert pretrain.train(params, "mmcl")["steps"] == 2 * 6
+
+
+def test_resume_after_kill(data, tmp_path, prefect_api_url):
+    params = params_with(data, tmp_path, epochs=6, checkpoint_every=3, log_every=1)
+    path = write_params(tmp_path / "params.yaml", params.model_dump(mode="json"))
+    cmd = [sys.executable, "-m", "flows.pretrain", "--params", str(path), "--objective", "mmcl"]
+    env = dict(os.environ, PREFECT_API_URL=prefect_api_url)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    storage = tmp_path / "ray"
+    deadline = time.time() + 300
+    while not list(storage.glob("mmcl-*/checkpoint_*/state.pt")) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(json.loads(l)["step"] for l in next(storage.glob("mmcl-*/train_log.jsonl")).read_text().splitlines())
+    assert killed_at < 36, "the run finished before it was killed"
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resumed from checkpoint at step" in rerun.stdout + rerun.stderr
+    log = log_of(tmp_path / "models" / "mmcl")
+    assert [r["step"] for r in log] == list(range(1, 37))  # no step lost or repeated
+
+
+def test_bad_input_is_rejected_before_training(data, tmp_path):
+    with pytest.raises(pretrain.PretrainError, match="open_clip knows no model 'rn-huge'"):
+        pretrain.plan_run(params_with(data, tmp_path, model="rn-huge"), "mmcl")
+    with pytest.raises(pretrain.PretrainError, match=r"pretrain.batch_size=256 is larger than the dataset \(192"):
+        pretrain.plan_run(params_with(data, tmp_path, batch_size=256), "mmcl")
+
+    class NeedsDepth(Objective):
+        views = frozenset({"depth_aug"})
+
+    REGISTRY["needs_depth"] = NeedsDepth
+    try:
+        with pytest.raises(pretrain.PretrainError, match=r"needs views \['depth_aug'\] that the loader cannot build"):
+            pretrain.plan_run(params_with(data, tmp_path), "needs_depth")
+    finally:
+        del REGISTRY["needs_depth"]
+    with pytest.raises(Exception, match="unknown objective 'clip'"):
+        params_with(data, tmp_path, objectives=["clip"])
+    with pytest.raises(Exception, match="must be divisible by num_workers"):
+        params_with(data, tmp_path, batch_size=33, num_workers=2)
+
+
+def test_resume_from_another_model_config_is_refused(data, tmp_path):
+    params = params_with(data, tmp_path)
+    run = pretrain.plan_run(params, "mmcl")
+    model, _, _ = pretrain.build_model("vit-tiny", "mmcl")
+    opt = pretrain.make_optimizer(model, params.pretrain, True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    pretrain._save_checkpoint(tmp_path, model, opt, sched, {"step": 1, "epoch": 0, "batch": 1},
+                              dict(run, model_config={"other": "config"}))
+    with pytest.raises(pretrain.PretrainError, match="saved from another model config"):
+        pretrain._load_checkpoint(tmp_path, model, opt, sched, run)
+
+
+def test_lr_schedule_and_weight_decay_groups(data, tmp_path):
+    assert pretrain.lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert pretrain.lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert pretrain.lr_factor(55, 10, 100) == pytest.approx(0.5)
+    assert pretrain.lr_factor(100, 10, 100) == pytest.approx(0.0)
+    params = params_with(data, tmp_path)
+    model, _, _ = pretrain.build_model("rn-tiny", "mmcl")
+    opt = pretrain.make_optimizer(model, params.pretrain, vit=False)
+    no_decay, decay = opt.param_groups
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.1
+    assert any(p is model.logit_scale for p in no_decay["params"])
+    assert all(p.ndim >= 2 for p in decay["params"]) and opt.defaults["betas"] == (0.9, 0.999)
