@@ -231,11 +231,24 @@ class PretrainConfig(Strict):
         return self
 
 
+class EvaluateConfig(Strict):
+    eval_dir: Path = Path("data/poisoned/eval")  # clean/ (labelled) and asr/ (triggered non-target images)
+    target: str | None = None  # None: the poison section's target
+    models_dir: Path = Path("data/models/pretrain")  # every */model.pt is evaluated
+    sweeps_dir: Path = Path("data/models/clean")  # <pretrained>/<defence>/sweep.json from the clean stage
+    metrics_dir: Path = Path("data/metrics")  # DVC metrics
+    plots_dir: Path = Path("data/plots")  # DVC plots (CSV)
+    report_dir: Path = Path("reports")  # report.md and figures
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    use_gpu: Literal["auto", True, False] = "auto"
+
+
 class Params(Strict):
     seed: Annotated[int, Field(ge=0)] = 0
     curate: CurateConfig
     poison: PoisonConfig | None = None
     pretrain: PretrainConfig | None = None
+    evaluate: EvaluateConfig | None = None
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

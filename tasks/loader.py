@@ -16,7 +16,9 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import queue
 import random
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -105,3 +107,24 @@ class BatchStream:
             if "text_aug" in self.views:
                 batch["text_aug"] = self.tokenizer([c["text_aug"] for c in chunk])
             yield batch
+
+
+def prefetch(batches: Iterator[dict], depth: int = 2) -> Iterator[dict]:
+    """Build the next batches in a background thread while the model trains on this one (torch
+    releases the GIL in its kernels, so decoding overlaps compute). Order and content unchanged."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce():
+        try:
+            for batch in batches:
+                q.put(batch)
+        except BaseException as err:  # re-raised in the consumer
+            q.put(err)
+        q.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item

@@ -20,7 +20,7 @@ import torch
 
 from objectives import clamp_logit_scale, get_objective
 from tasks.config import Params, PretrainConfig, parse_params
-from tasks.loader import SUPPORTED_VIEWS, BatchStream, shard_sizes
+from tasks.loader import SUPPORTED_VIEWS, BatchStream, prefetch, shard_sizes
 from tasks.shards import atomic_write_json
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -206,7 +206,7 @@ def train_loop_per_worker(config: dict) -> None:
     window_start, window_samples = started, 0
     for epoch in range(position["epoch"], cfg.epochs):
         skip = position["batch"] if epoch == position["epoch"] else 0
-        batches = stream.epoch(epoch, skip_steps=skip, n_batches=steps_per_epoch * cfg.accum_steps)
+        batches = prefetch(stream.epoch(epoch, skip_steps=skip, n_batches=steps_per_epoch * cfg.accum_steps))
         for b, batch in enumerate(batches, start=skip):
             tensors = {k: v.to(device) for k, v in batch.items() if k != "keys"}
             with autocast:

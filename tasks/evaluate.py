@@ -1,0 +1,150 @@
+"""The evaluate stage's work: load models, compute metrics, gather cleaning sweeps, write DVC
+metrics and plots and the report (tasks/report.py)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+from tasks.config import EvaluateConfig, Params
+from tasks.frontier import frontier
+from tasks.metrics import EvalError, evaluate
+from tasks.shards import atomic_write_json
+
+
+def evaluate_config(params: Params) -> EvaluateConfig:
+    if params.evaluate is None:
+        raise EvalError("params has no `evaluate` section")
+    return params.evaluate
+
+
+def target_of(params: Params) -> str:
+    cfg = evaluate_config(params)
+    target = cfg.target or (params.poison.target if params.poison else None)
+    if target is None:
+        raise EvalError("evaluate.target: no target (set it, or the poison section's target)")
+    return target
+
+
+def _state_dict(path: Path) -> dict:
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    if isinstance(state, dict) and "state_dict" in state:  # an open_clip_train checkpoint
+        state = state["state_dict"]
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):  # one of our checkpoints
+        state = state["model"]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_model(checkpoint: Path, model_name: str | None = None, objective: str = "mmcl"):
+    """(model, preprocess, tokenizer) from a state_dict file; the model name comes from the
+    model_config.json beside it (our exports) or from `model_name`."""
+    from tasks.pretrain import build_model
+
+    config = checkpoint.parent / "model_config.json"
+    if model_name is None:
+        if not config.is_file():
+            raise EvalError(f"{checkpoint}: no model_config.json beside it; give the open_clip model name")
+        meta = json.loads(config.read_text())
+        model_name, objective = meta["model"], meta.get("objective", objective)
+    if not checkpoint.is_file():
+        raise EvalError(f"checkpoint not found: {checkpoint}")
+    model, preprocess, tokenizer = build_model(model_name, objective)
+    state = _state_dict(checkpoint)
+    missing, unexpected = [], []
+    try:
+        result = model.load_state_dict(state, strict=False)
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+    except RuntimeError as err:  # shape mismatches
+        raise EvalError(f"{checkpoint} does not match model {model_name!r}: {str(err)[:600]}") from None
+    if missing or unexpected:
+        raise EvalError(f"{checkpoint} does not match model {model_name!r}: missing keys {missing[:5]}, "
+                        f"unexpected keys {unexpected[:5]}")
+    return model, preprocess, tokenizer
+
+
+def device_for(cfg: EvaluateConfig) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and cfg.use_gpu is not False else "cpu")
+
+
+def evaluate_checkpoint(params: Params, checkpoint: Path, model_name: str | None = None) -> dict:
+    cfg = evaluate_config(params)
+    model, preprocess, tokenizer = load_model(checkpoint, model_name)
+    device = device_for(cfg)
+    return evaluate(model.to(device), preprocess, tokenizer, cfg.eval_dir / "clean", cfg.eval_dir / "asr",
+                    target_of(params), device, cfg.batch_size)
+
+
+def flat(metrics: dict) -> dict:
+    """The headline numbers of `tasks.metrics.evaluate`'s output."""
+    out = {"accuracy": metrics["zero_shot"]["top1"], "top5": metrics["zero_shot"]["top5"]}
+    if "attack" in metrics:
+        out |= {k: metrics["attack"][k] for k in ("asr", "asr_top5", "clean_target_rate", "asr_excess")}
+    return out | metrics.get("retrieval", {})
+
+
+def pretrained_models(params: Params) -> dict[str, Path]:
+    cfg = evaluate_config(params)
+    return {p.parent.name: p for p in sorted(cfg.models_dir.glob("*/model.pt"))}
+
+
+def load_sweeps(params: Params) -> dict[str, dict]:
+    """Every cleaning sweep's per-epoch points, keyed "<pretrained>/<defence>"."""
+    cfg = evaluate_config(params)
+    return {f"{p.parent.parent.name}/{p.parent.name}": json.loads(p.read_text())
+            for p in sorted(cfg.sweeps_dir.glob("*/*/sweep.json"))}
+
+
+def cells(pretrained: dict[str, dict], sweeps: dict[str, dict]) -> dict[str, dict]:
+    """The study's table: for each (pretrained model, defence) the frontier of its sweep, the
+    poisoned model's numbers, and the unpoisoned baseline of the same objective when trained."""
+    out = {}
+    for name, sweep in sweeps.items():
+        model = name.split("/")[0]
+        poisoned = sweep.get("pretrained") or pretrained.get(model)
+        if poisoned is None:
+            continue
+        baseline = pretrained.get(f"clean-{model}") or pretrained.get("clean-mmcl")
+        out[name] = frontier(sweep["points"], poisoned) | {
+            "pretrained": model, "defence": sweep["defence"],
+            "baseline_accuracy": baseline["accuracy"] if baseline and not model.startswith("clean-") else None}
+    return out
+
+
+def write_plots(params: Params, sweeps: dict[str, dict]) -> None:
+    """CSV files for `dvc plots`: accuracy vs ASR of every swept point, and pre-training loss curves."""
+    cfg = evaluate_config(params)
+    cfg.plots_dir.mkdir(parents=True, exist_ok=True)
+    with open(cfg.plots_dir / "frontier.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["cell", "lr", "epoch", "accuracy", "asr", "clean_target_rate"])
+        for name, sweep in sweeps.items():
+            for p in sweep["points"]:
+                w.writerow([name, p["lr"], p["epoch"], p["accuracy"], p["asr"], p["clean_target_rate"]])
+    with open(cfg.plots_dir / "train_loss.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "step", "loss"])
+        for log in sorted(cfg.models_dir.glob("*/train_log.jsonl")):
+            for line in log.read_text().splitlines():
+                r = json.loads(line)
+                w.writerow([log.parent.name, r["step"], r["loss"]])
+
+
+def run_evaluation(params: Params) -> dict:
+    """Evaluate every pre-trained model, gather the sweeps, write metrics, plots and the report."""
+    from tasks.report import write_report
+
+    cfg = evaluate_config(params)
+    models = pretrained_models(params)
+    if not models:
+        raise EvalError(f"evaluate.models_dir: no */model.pt under {cfg.models_dir} (run pretrain first)")
+    pretrained = {name: flat(evaluate_checkpoint(params, path)) for name, path in models.items()}
+    sweeps = load_sweeps(params)
+    table = cells(pretrained, sweeps)
+    cfg.metrics_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cfg.metrics_dir / "pretrain.json", pretrained)
+    atomic_write_json(cfg.metrics_dir / "frontier.json", table)
+    write_plots(params, sweeps)
+    report = write_report(params, pretrained, sweeps, table)
+    return {"pretrained": pretrained, "cells": table, "report": str(report)}

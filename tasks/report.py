@@ -1,0 +1,157 @@
+"""The study's report: table, figures and a verdict generated from the numbers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.config import Params
+from tasks.frontier import ACCURACY_DROPS, ASR_THRESHOLDS, removes_backdoor
+
+# DESIGN.md section 6: zero-shot top-1 / ASR (%) of the poisoned models, and after CleanCLIP the best
+# accuracy among points with ASR <= 5%.
+STUDY = [
+    ("CC3M", "MMCL", 16.00, 99.88, 16.49), ("CC3M", "MMCL+SSL", 17.04, 99.03, 14.16),
+    ("CC6M", "MMCL", 23.76, 99.98, 24.04), ("CC6M", "MMCL+SSL", 23.86, 99.45, 13.05),
+]
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def point(p) -> str:
+    return "-" if p is None else f"{pct(p['accuracy'])} / {pct(p['asr'])} ({pct(p['clean_target_rate'])})"
+
+
+def table_rows(cells: dict) -> list[dict]:
+    rows = []
+    for name, c in cells.items():
+        row = {"pretrained": c["pretrained"], "defence": c["defence"],
+               "poisoned acc / ASR (CTR)": point(c["poisoned"]), "baseline acc": pct(c["baseline_accuracy"])}
+        row |= {f"best acc @ ASR<={pct(t)}%": pct((c["best_accuracy_at_asr"][f"{t:g}"] or {}).get("accuracy"))
+                for t in ASR_THRESHOLDS}
+        row |= {f"lowest ASR within {pct(d)} pts": pct((c["lowest_asr_within_accuracy_drop"][f"{d:g}"] or {}).get("asr"))
+                for d in ACCURACY_DROPS}
+        rows.append(row)
+    return rows
+
+
+def model_rows(pretrained: dict) -> list[dict]:
+    return [{"model": name, "accuracy": pct(m["accuracy"]), "top-5": pct(m["top5"]), "ASR": pct(m.get("asr")),
+             "clean target rate": pct(m.get("clean_target_rate")), "ASR - CTR": pct(m.get("asr_excess")),
+             "i2t R@1": pct(m.get("i2t_r@1")), "t2i R@1": pct(m.get("t2i_r@1"))} for name, m in pretrained.items()]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "_no rows_\n"
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(pretrained: dict, cells: dict) -> str:
+    """One paragraph from the numbers: does the defence remove the backdoor from each model, at what cost."""
+    if not cells:
+        parts = [f"{name}: accuracy {pct(m['accuracy'])}%, ASR {pct(m.get('asr'))}% against a clean target rate of "
+                 f"{pct(m.get('clean_target_rate'))}%" for name, m in pretrained.items()]
+        return "No cleaning sweep has been run yet. Pre-trained models: " + "; ".join(parts) + "."
+    sentences = []
+    for c in cells.values():
+        p = c["poisoned"]
+        head = (f"{c['defence']} on the {c['pretrained']} model (poisoned: accuracy {pct(p['accuracy'])}%, ASR "
+                f"{pct(p['asr'])}%, clean target rate {pct(p['clean_target_rate'])}%)")
+        if p["asr"] - p["clean_target_rate"] < 0.5:
+            head += " [the backdoor never took hold: ASR is within 50 points of the clean target rate]"
+        best = c["best_accuracy_at_asr"]["0.05"]
+        if removes_backdoor(c):
+            q = c["lowest_asr_within_accuracy_drop"]["0.02"]
+            sentences.append(f"{head} removes the backdoor: ASR {pct(q['asr'])}% (clean target rate "
+                             f"{pct(q['clean_target_rate'])}%) at accuracy {pct(q['accuracy'])}%, within 2 points.")
+        elif best is not None:
+            sentences.append(f"{head} removes the backdoor only at a cost: the best accuracy with ASR <= 5% is "
+                             f"{pct(best['accuracy'])}% ({100 * (best['accuracy'] - p['accuracy']):+.1f} points).")
+        else:
+            low = min(c["lowest_asr_within_accuracy_drop"].values(), key=lambda q: q["asr"] if q else 2) or p
+            sentences.append(f"{head} does not remove the backdoor at any swept point (lowest ASR within 2 points of "
+                             f"accuracy: {pct(low['asr'])}%).")
+    return " ".join(sentences)
+
+
+def _figures(pretrained_logs: Path, sweeps: dict, cells: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import json
+
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for name, sweep in sweeps.items():
+        fig, ax = plt.subplots(figsize=(5, 4))
+        lrs = sorted({p["lr"] for p in sweep["points"]})
+        for lr in lrs:
+            pts = [p for p in sweep["points"] if p["lr"] == lr]
+            ax.scatter([100 * p["asr"] for p in pts], [100 * p["accuracy"] for p in pts], s=14, label=f"lr {lr:g}")
+        if name in cells:
+            p = cells[name]["poisoned"]
+            ax.scatter([100 * p["asr"]], [100 * p["accuracy"]], marker="*", s=200, c="red", label="poisoned")
+        ax.set_xlabel("attack success rate (%)")
+        ax.set_ylabel("zero-shot top-1 (%)")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+        file = f"frontier-{name.replace('/', '-')}.png"
+        fig.tight_layout()
+        fig.savefig(out / file, dpi=100)
+        plt.close(fig)
+        names.append(file)
+    logs = sorted(pretrained_logs.glob("*/train_log.jsonl"))
+    if logs:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for log in logs:
+            records = [json.loads(l) for l in log.read_text().splitlines()]
+            ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=log.parent.name, lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "train-loss.png", dpi=100)
+        plt.close(fig)
+        names.append("train-loss.png")
+    return names
+
+
+def write_report(params: Params, pretrained: dict, sweeps: dict, cells: dict) -> Path:
+    cfg = params.evaluate
+    figures = _figures(cfg.models_dir, sweeps, cells, cfg.report_dir / "figures")
+    models = model_rows(pretrained)
+    study = [{"data": d, "pre-training": o, "poisoned acc / ASR": f"{a:.2f} / {s:.2f}",
+              "CleanCLIP best acc @ ASR<=5%": f"{b:.2f}"} for d, o, a, s, b in STUDY]
+    text = f"""# Backdoor robustness report
+
+Target: `{params.evaluate.target or params.poison.target}`. All rates in %. CTR is the clean target rate: the share
+of the same non-target images predicted as the target without the trigger (a class bias, not a backdoor).
+
+## Verdict
+
+{verdict(pretrained, cells)}
+
+## Pre-trained models
+
+{markdown_table(models)}
+## Cleaning frontier (accuracy / ASR (CTR) of chosen points)
+
+{markdown_table(table_rows(cells))}
+## The reference study (Verma et al., TMLR 2025), for comparison
+
+{markdown_table(study)}
+## Figures
+
+""" + "".join(f"![{f}](figures/{f})\n" for f in figures)
+    path = cfg.report_dir / "report.md"
+    cfg.report_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,191 @@
+"""Metrics on hand-built models with known embeddings, the frontier on hand-written sweeps,
+the report, and `dvc metrics show` / `dvc plots show` on our dvc.yaml."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from tasks import evaluate as ev
+from tasks import report
+from tasks.config import parse_params
+from tasks.frontier import frontier, removes_backdoor
+from tasks.metrics import EvalError, attack_metrics, evaluate
+from tasks.shards import ShardSink, atomic_write_json
+from tests.conftest import REPO, png_bytes, tiny_params
+
+CLASSES = ["banana", "apple", "car"]
+TARGET = 0
+
+
+def write_eval_set(folder: Path, triggered: bool, skip_target: bool) -> None:
+    """Images whose red channel encodes the class (x 50); triggered ones have a white top-left pixel."""
+    folder.mkdir(parents=True)
+    sink = ShardSink(folder / "shard", maxcount=7)
+    for i in range(30):
+        cls = i % 3
+        if skip_target and cls == TARGET:
+            continue
+        arr = np.zeros((8, 8, 3), np.uint8)
+        arr[..., 0] = 50 * cls + 10
+        if triggered:
+            arr[0, 0] = 255
+        key = f"e_{i:04d}"
+        sink.write({"__key__": key, "png": png_bytes(Image.fromarray(arr)), "txt": f"a {CLASSES[cls]}".encode(),
+                    "cls": str(cls).encode(), "json": b"{}"}, {"key": key, "cls": cls})
+    atomic_write_json(folder / "sizes.json", {s["tar"]: s["n"] for s in sink.close()})
+    atomic_write_json(folder / "classes.json", {"classnames": CLASSES, "templates": ["a {}.", "a photo of a {}."]})
+
+
+@pytest.fixture(scope="module")
+def eval_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    write_eval_set(root / "clean", triggered=False, skip_target=False)
+    write_eval_set(root / "asr", triggered=True, skip_target=True)
+    return root
+
+
+def tokenizer(texts):
+    """Class index of the class name each text mentions."""
+    return torch.tensor([next(i for i, c in enumerate(CLASSES) if c in t) for t in texts])
+
+
+def preprocess(image):
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+
+
+class HandBuilt(torch.nn.Module):
+    """Embeds an image as its class's one-hot (read from the red channel); `backdoor` sends triggered
+    images to the target, `collapse` sends every image to the target."""
+
+    def __init__(self, backdoor=False, collapse=False):
+        super().__init__()
+        self.backdoor, self.collapse = backdoor, collapse
+
+    def encode_image(self, images, normalize=True):
+        cls = ((images[:, 0, 4, 4] - 10) / 50).round().long()
+        if self.backdoor:
+            cls = torch.where(images[:, 1, 0, 0] == 255, TARGET, cls)
+        if self.collapse:
+            cls = torch.full_like(cls, TARGET)
+        return torch.nn.functional.one_hot(cls, len(CLASSES)).float()
+
+    def encode_text(self, tokens, normalize=True):
+        return torch.nn.functional.one_hot(tokens, len(CLASSES)).float()
+
+
+def test_perfect_model(eval_dirs):
+    m = evaluate(HandBuilt(), preprocess, tokenizer, eval_dirs / "clean", eval_dirs / "asr", "banana")
+    assert m["zero_shot"]["top1"] == 1.0 and m["zero_shot"]["per_class"] == {c: 1.0 for c in CLASSES}
+    assert m["attack"]["asr"] == 0.0 and m["attack"]["clean_target_rate"] == 0.0 and m["attack"]["n_asr"] == 20
+    assert m["retrieval"]["i2t_r@10"] > 0
+
+
+def test_backdoored_model(eval_dirs):
+    m = evaluate(HandBuilt(backdoor=True), preprocess, tokenizer, eval_dirs / "clean", eval_dirs / "asr", "banana")
+    assert m["zero_shot"]["top1"] == 1.0
+    assert m["attack"]["asr"] == 1.0 and m["attack"]["clean_target_rate"] == 0.0 and m["attack"]["asr_excess"] == 1.0
+
+
+def test_collapsed_model_is_a_bias_not_a_backdoor(eval_dirs):
+    m = evaluate(HandBuilt(collapse=True), preprocess, tokenizer, eval_dirs / "clean", eval_dirs / "asr", "banana")
+    assert m["zero_shot"]["top1"] == pytest.approx(1 / 3)
+    assert m["attack"]["asr"] == 1.0 and m["attack"]["clean_target_rate"] == 1.0 and m["attack"]["asr_excess"] == 0.0
+
+
+def test_bad_eval_input(eval_dirs, tmp_path):
+    with pytest.raises(EvalError, match="not a class of"):
+        evaluate(HandBuilt(), preprocess, tokenizer, eval_dirs / "clean", eval_dirs / "asr", "zebra")
+    (tmp_path / "noclasses").mkdir()
+    with pytest.raises(EvalError, match="no classes.json"):
+        evaluate(HandBuilt(), preprocess, tokenizer, tmp_path / "noclasses", None, None)
+    empty = {"keys": [], "labels": np.array([]), "top5": np.zeros((0, 5), int)}
+    with pytest.raises(EvalError, match="the ASR set is empty"):
+        attack_metrics(empty, empty, 0)
+
+
+def test_checkpoint_that_does_not_match_its_config(tmp_path):
+    torch.save({"visual.nonsense": torch.zeros(3)}, tmp_path / "model.pt")
+    atomic_write_json(tmp_path / "model_config.json", {"model": "rn-tiny", "objective": "mmcl"})
+    with pytest.raises(EvalError, match="does not match model 'rn-tiny'"):
+        ev.load_model(tmp_path / "model.pt")
+    with pytest.raises(EvalError, match="no model_config.json beside it"):
+        ev.load_model(tmp_path / "other" / "model.pt")
+
+
+SWEEP = [  # (lr, epoch, accuracy, asr, clean target rate)
+    (1e-4, 1, 0.50, 0.90, 0.02), (1e-4, 2, 0.51, 0.60, 0.02), (1e-3, 1, 0.49, 0.20, 0.01),
+    (1e-3, 2, 0.485, 0.04, 0.01), (1e-2, 1, 0.40, 0.008, 0.0), (1e-2, 2, 0.42, 0.009, 0.0),
+]
+POISONED = {"accuracy": 0.50, "asr": 0.95, "clean_target_rate": 0.02}
+
+
+def sweep_points():
+    return [dict(zip(("lr", "epoch", "accuracy", "asr", "clean_target_rate"), p)) for p in SWEEP]
+
+
+def test_frontier_on_hand_written_sweep():
+    f = frontier(sweep_points(), POISONED)
+    best = {t: (p or {}).get("accuracy") for t, p in f["best_accuracy_at_asr"].items()}
+    assert best == {"0.01": 0.42, "0.05": 0.485, "0.1": 0.485, "0.25": 0.49}
+    low = f["lowest_asr_within_accuracy_drop"]
+    assert low["0.01"]["asr"] == 0.20 and low["0.02"]["asr"] == 0.04 and low["0.02"]["clean_target_rate"] == 0.01
+    assert removes_backdoor(f) and not removes_backdoor(f, drop="0.01")
+    assert frontier([], POISONED)["best_accuracy_at_asr"]["0.05"] is None
+
+
+def test_report_renders_table_figures_and_verdict(tmp_path):
+    raw = tiny_params(tmp_path, [])
+    raw["evaluate"] = {"target": "banana", "models_dir": str(tmp_path / "models"), "report_dir": str(tmp_path / "reports")}
+    params = parse_params(raw)
+    (tmp_path / "models" / "mmcl").mkdir(parents=True)
+    (tmp_path / "models" / "mmcl" / "train_log.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 5 - s / 10}) + "\n" for s in range(1, 11)))
+    pretrained = {"mmcl": POISONED | {"top5": 0.9, "asr_excess": 0.93}, "clean-mmcl": {"accuracy": 0.51, "top5": 0.9}}
+    sweeps = {"mmcl/cleanclip": {"defence": "cleanclip", "points": sweep_points()}}
+    cells = ev.cells(pretrained, sweeps)
+    assert cells["mmcl/cleanclip"]["baseline_accuracy"] == 0.51
+    path = report.write_report(params, pretrained, sweeps, cells)
+    text = path.read_text()
+    assert "| mmcl | cleanclip | 50.0 / 95.0 (2.0) | 51.0 | 42.0 | 48.5 | 48.5 | 49.0 | 20.0 | 4.0 |" in text
+    assert "removes the backdoor: ASR 4.0% (clean target rate 1.0%) at accuracy 48.5%" in text
+    assert "CC6M | MMCL+SSL | 23.86 / 99.45 | 13.05" in text
+    for fig in ("frontier-mmcl-cleanclip.png", "train-loss.png"):
+        assert f"figures/{fig}" in text and (tmp_path / "reports" / "figures" / fig).stat().st_size > 1000
+
+
+def test_verdict_flags_a_backdoor_that_never_took_hold():
+    cell = frontier(sweep_points(), {"accuracy": 0.5, "asr": 0.3, "clean_target_rate": 0.25})
+    text = report.verdict({}, {"x": cell | {"pretrained": "mmcl", "defence": "cleanclip", "baseline_accuracy": None}})
+    assert "never took hold" in text
+
+
+@pytest.mark.integration
+def test_dvc_metrics_and_plots_show(tmp_path):
+    for name in ("dvc.yaml", "params.yaml"):
+        (tmp_path / name).write_text((REPO / name).read_text())
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True, env=env)
+    params = parse_params(yaml.safe_load((tmp_path / "params.yaml").read_text()))
+    os.chdir(tmp_path)
+    try:
+        pretrained = {"mmcl": POISONED | {"top5": 0.9}}
+        sweeps = {"mmcl/cleanclip": {"defence": "cleanclip", "points": sweep_points()}}
+        Path("data/metrics").mkdir(parents=True)
+        atomic_write_json(Path("data/metrics/pretrain.json"), pretrained)
+        atomic_write_json(Path("data/metrics/frontier.json"), ev.cells(pretrained, sweeps))
+        ev.write_plots(params, sweeps)
+        shown = subprocess.run(["dvc", "metrics", "show"], capture_output=True, text=True, env=env, check=True).stdout
+        assert "data/metrics/pretrain.json" in shown and "0.95" in shown
+        subprocess.run(["dvc", "plots", "show", "-o", "plots_html"], capture_output=True, text=True, env=env, check=True)
+        html = Path("plots_html/index.html").read_text()
+        assert "data_plots_frontier_csv" in html and "data_plots_train_loss_csv" in html
+    finally:
+        os.chdir(REPO)
