@@ -60,7 +60,7 @@ def bare_loop(params, steps: int) -> tuple[float, float]:
     stream = BatchStream(cfg.data_dir, cfg.batch_size, 0, 1, 0, preprocess, tokenizer)
     batches = list(stream.epoch(0))[:steps]
     flops = step_flops(model, batches[0])
-    opt = pretrain.make_optimizer(model, cfg, vit=False)
+    opt = pretrain.make_optimizer(model, cfg.lr, cfg.weight_decay, vit=False)
     from objectives import get_objective
 
     objective = get_objective("mmcl")

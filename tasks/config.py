@@ -231,6 +231,44 @@ class PretrainConfig(Strict):
         return self
 
 
+class CleanConfig(Strict):
+    """CleanCLIP-style cleaning sweeps (tasks/clean.py). The study's values are in params.yaml comments."""
+
+    data_dir: Path = Path("data/poisoned/cleaning")
+    eval_dir: Path = Path("data/poisoned/eval")
+    models_dir: Path = Path("data/models/pretrain")
+    out_dir: Path = Path("data/models/clean")  # <model>/<defence>/: sweep.json, best.pt, lr-*/epochs.json
+    target: str | None = None  # None: the poison section's target
+    models: Annotated[list[str], Field(min_length=1)] = ["mmcl", "mmcl_ssl"]  # folders of models_dir
+    defences: Annotated[list[str], Field(min_length=1)] = ["cleanclip"]
+    defence_options: dict[str, dict[str, float]] = {}
+    lrs: Annotated[list[float], Field(min_length=1)] = [3e-4, 1e-3, 3e-3]
+    epochs: Annotated[int, Field(ge=1)] = 5
+    batch_size: Annotated[int, Field(ge=2)] = 64
+    warmup_steps: Annotated[int, Field(ge=0)] = 10
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    freeze_bn_stats: bool = True  # keep BatchNorm running statistics of the pretrained model
+    eval_batch_size: Annotated[int, Field(ge=1)] = 256
+    runner: RunnerConfig = RunnerConfig()  # the sweep's runs in parallel
+    threads_per_run: Annotated[int, Field(ge=1)] | None = None  # None: the machine's cores / runner workers
+
+    @model_validator(mode="after")
+    def _check(self):
+        from defences import REGISTRY, defence_options
+
+        bad = [lr for lr in self.lrs if not lr > 0]
+        if bad:
+            raise ValueError(f"lrs: learning rates must be positive, got {bad}")
+        for name in set(self.defences) | set(self.defence_options):
+            if name not in REGISTRY:
+                raise ValueError(f"unknown defence {name!r}; known defences: {sorted(REGISTRY)}")
+        for name, options in self.defence_options.items():
+            unknown = sorted(set(options) - set(defence_options(name)))
+            if unknown:
+                raise ValueError(f"defence_options.{name}: {unknown} not accepted; {name} takes {defence_options(name)}")
+        return self
+
+
 class EvaluateConfig(Strict):
     eval_dir: Path = Path("data/poisoned/eval")  # clean/ (labelled) and asr/ (triggered non-target images)
     target: str | None = None  # None: the poison section's target
@@ -248,6 +286,7 @@ class Params(Strict):
     curate: CurateConfig
     poison: PoisonConfig | None = None
     pretrain: PretrainConfig | None = None
+    clean: CleanConfig | None = None
     evaluate: EvaluateConfig | None = None
 
 

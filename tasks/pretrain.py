@@ -94,18 +94,19 @@ class DualEncoder(torch.nn.Module):
         return out
 
 
-def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, vit: bool) -> torch.optim.AdamW:
-    """AdamW as open_clip: weight decay on weight matrices only (not norms, biases, gains, logit scale)."""
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, vit: bool,
+                   beta1: float | None = None, beta2: float | None = None, eps: float | None = None) -> torch.optim.AdamW:
+    """AdamW as open_clip: weight decay on weight matrices only (not norms, biases, gains, logit scale);
+    betas and eps default to open_clip's for ViTs (0.9/0.98, 1e-6) and ResNets (0.9/0.999, 1e-8)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
         (no_decay if skip else decay).append(p)
-    betas = (cfg.beta1 or 0.9, cfg.beta2 or (0.98 if vit else 0.999))
-    eps = cfg.eps or (1e-6 if vit else 1e-8)
-    return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.weight_decay}],
-                             lr=cfg.lr, betas=betas, eps=eps)
+    betas = (beta1 or 0.9, beta2 or (0.98 if vit else 0.999))
+    return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}],
+                             lr=lr, betas=betas, eps=eps or (1e-6 if vit else 1e-8))
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -114,6 +115,16 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def optimizer_step(model, optimizer, scheduler, grad_clip: float | None = None) -> None:
+    """Clip (optional), step the optimiser and the schedule, clear gradients, clamp the logit scale."""
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    clamp_logit_scale(model.logit_scale)
 
 
 def fingerprint(params: Params, objective: str, baseline: bool) -> str:
@@ -183,7 +194,7 @@ def train_loop_per_worker(config: dict) -> None:
                          objective.views, cfg.split, cfg.shuffle_buffer)
     steps_per_epoch = run["steps_per_epoch"]
     total_steps = cfg.epochs * steps_per_epoch
-    optimizer = make_optimizer(model, cfg, is_vit(run["model_config"]))
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, is_vit(run["model_config"]), cfg.beta1, cfg.beta2, cfg.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
     position = {"step": 0, "epoch": 0, "batch": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -215,12 +226,7 @@ def train_loop_per_worker(config: dict) -> None:
             window_samples += len(batch["keys"]) * world
             if (b + 1) % cfg.accum_steps:
                 continue
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            clamp_logit_scale(model.logit_scale)
+            optimizer_step(model, optimizer, scheduler, cfg.grad_clip)
             step += 1
             done_epoch = b + 1 == steps_per_epoch * cfg.accum_steps
             position = {"step": step, "epoch": epoch + done_epoch, "batch": 0 if done_epoch else b + 1}

@@ -134,7 +134,7 @@ def test_resume_from_another_model_config_is_refused(data, tmp_path):
     params = params_with(data, tmp_path)
     run = pretrain.plan_run(params, "mmcl")
     model, _, _ = pretrain.build_model("vit-tiny", "mmcl")
-    opt = pretrain.make_optimizer(model, params.pretrain, True)
+    opt = pretrain.make_optimizer(model, 1e-3, 0.1, vit=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     pretrain._save_checkpoint(tmp_path, model, opt, sched, {"step": 1, "epoch": 0, "batch": 1},
                               dict(run, model_config={"other": "config"}))
@@ -149,7 +149,7 @@ def test_lr_schedule_and_weight_decay_groups(data, tmp_path):
     assert pretrain.lr_factor(100, 10, 100) == pytest.approx(0.0)
     params = params_with(data, tmp_path)
     model, _, _ = pretrain.build_model("rn-tiny", "mmcl")
-    opt = pretrain.make_optimizer(model, params.pretrain, vit=False)
+    opt = pretrain.make_optimizer(model, params.pretrain.lr, params.pretrain.weight_decay, vit=False)
     no_decay, decay = opt.param_groups
     assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.1
     assert any(p is model.logit_scale for p in no_decay["params"])

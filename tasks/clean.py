@@ -1,0 +1,161 @@
+"""The clean stage's work: fine-tune a pre-trained (poisoned) model on the cleaning subset with a
+defence, for each learning rate of a sweep, evaluating accuracy, ASR and the clean target rate after
+every epoch (epoch 0 is the model before cleaning).
+
+`clean_run` is one (model, defence, lr) run: plain PyTorch in one process, idempotent (a finished run
+is read back), run in parallel by the flow. `assemble_sweep` gathers a cell's runs into sweep.json
+(the evaluate stage's input) and keeps the checkpoint of the best frontier point.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from defences import get_defence
+from tasks.config import CleanConfig, Params
+from tasks.evaluate import flat, load_model
+from tasks.loader import BatchStream, prefetch, shard_sizes
+from tasks.metrics import EvalError, evaluate
+from tasks.pretrain import DualEncoder, build_model, is_vit, lr_factor, make_optimizer, optimizer_step
+from tasks.shards import atomic_write_json
+
+
+class CleanError(ValueError):
+    """A sweep that cannot start; names the parameter or file. Raised before training."""
+
+
+def clean_config(params: Params) -> CleanConfig:
+    if params.clean is None:
+        raise CleanError("params has no `clean` section")
+    return params.clean
+
+
+def target_of(params: Params) -> str:
+    target = clean_config(params).target or (params.poison.target if params.poison else None)
+    if target is None:
+        raise CleanError("clean.target: no target (set it, or the poison section's target)")
+    return target
+
+
+def checkpoint_of(params: Params, model: str) -> Path:
+    return clean_config(params).models_dir / model / "model.pt"
+
+
+def cell_dir(params: Params, model: str, defence: str) -> Path:
+    return clean_config(params).out_dir / model / defence
+
+
+def run_dir(params: Params, model: str, defence: str, lr: float) -> Path:
+    return cell_dir(params, model, defence) / f"lr-{lr:.3g}"
+
+
+def check_sweep(params: Params, model: str, defence: str) -> None:
+    """Clear errors before any training: checkpoint, cleaning data, defence."""
+    cfg = clean_config(params)
+    get_defence(defence, **cfg.defence_options.get(defence, {}))
+    try:
+        load_model(checkpoint_of(params, model))
+    except EvalError as err:
+        raise CleanError(f"clean.models: {model!r}: {err}") from None
+    try:
+        n = sum(shard_sizes(cfg.data_dir).values())
+    except FileNotFoundError as err:
+        raise CleanError(f"clean.data_dir: {err}") from None
+    if n < cfg.batch_size:
+        raise CleanError(f"clean.data_dir: the cleaning subset has {n} pairs, fewer than clean.batch_size={cfg.batch_size}")
+    target_of(params)
+
+
+def _measure(params: Params, model, preprocess, tokenizer, device) -> dict:
+    cfg = clean_config(params)
+    metrics = evaluate(model, preprocess, tokenizer, cfg.eval_dir / "clean", cfg.eval_dir / "asr", target_of(params),
+                       device, cfg.eval_batch_size, retrieval=False)
+    return flat(metrics)
+
+
+def _freeze_bn_stats(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _better(a: dict, b: dict | None) -> bool:
+    """The best frontier point: the most accurate with ASR <= 5%, else the lowest ASR."""
+    if b is None:
+        return True
+    key = lambda p: (p["asr"] <= 0.05, p["accuracy"] if p["asr"] <= 0.05 else -p["asr"])  # noqa: E731
+    return key(a) > key(b)
+
+
+def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> dict:
+    """One sweep run; returns {"lr", "points": [per-epoch metrics], "best": point} (also epochs.json)."""
+    cfg = clean_config(params)
+    out = run_dir(params, model_name, defence_name, lr)
+    done = out / "epochs.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads_per_run or max(1, (os.cpu_count() or 1) // cfg.runner.workers))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    defence = get_defence(defence_name, **cfg.defence_options.get(defence_name, {}))
+    objective = defence.objective()
+    model, preprocess, tokenizer = load_model(checkpoint_of(params, model_name))
+    meta = json.loads((checkpoint_of(params, model_name).parent / "model_config.json").read_text())
+    model = model.to(device)
+    points = [{"epoch": 0, "lr": lr, **_measure(params, model, preprocess, tokenizer, device)}]
+    torch.manual_seed(params.seed)
+    fresh, _, _ = build_model(meta["model"], meta["objective"])
+    defence.prepare(model, fresh.to(device))
+    stream = BatchStream(cfg.data_dir, cfg.batch_size, 0, 1, params.seed, preprocess, tokenizer, objective.views)
+    total = cfg.epochs * stream.steps_per_epoch
+    optimizer = make_optimizer(model, lr, cfg.weight_decay, is_vit(meta["open_clip_config"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total))
+    wrapper = DualEncoder(model)
+    best, started = None, time.time()
+    for epoch in range(cfg.epochs):
+        model.train()
+        if cfg.freeze_bn_stats:
+            _freeze_bn_stats(model)
+        losses = []
+        for batch in prefetch(stream.epoch(epoch)):
+            loss, _ = objective(wrapper({k: v.to(device) for k, v in batch.items() if k != "keys"}))
+            loss.backward()
+            optimizer_step(model, optimizer, scheduler)
+            losses.append(loss.item())
+        point = {"epoch": epoch + 1, "lr": lr, "loss": sum(losses) / len(losses),
+                 **_measure(params, model, preprocess, tokenizer, device)}
+        points.append(point)
+        if _better(point, best):
+            best = point
+            torch.save(model.state_dict(), out / "best.pt.tmp")
+            os.replace(out / "best.pt.tmp", out / "best.pt")
+    result = {"model": model_name, "defence": defence_name, "lr": lr, "points": points, "best": best,
+              "seconds": round(time.time() - started, 1)}
+    atomic_write_json(done, result)
+    return result
+
+
+def assemble_sweep(params: Params, model: str, defence: str, runs: list[dict]) -> dict:
+    """sweep.json for the cell: the pretrained point, every per-epoch point, and the best point's
+    checkpoint copied to best.pt with its model_config.json (per-run checkpoints are dropped)."""
+    cell = cell_dir(params, model, defence)
+    runs = sorted(runs, key=lambda r: r["lr"])
+    points = [p for r in runs for p in r["points"] if p["epoch"] > 0]
+    best_run = None
+    for r in runs:
+        if _better(r["best"], best_run["best"] if best_run else None):
+            best_run = r
+    shutil.copyfile(run_dir(params, model, defence, best_run["lr"]) / "best.pt", cell / "best.pt")
+    shutil.copyfile(checkpoint_of(params, model).parent / "model_config.json", cell / "model_config.json")
+    for r in runs:
+        (run_dir(params, model, defence, r["lr"]) / "best.pt").unlink(missing_ok=True)
+    sweep = {"model": model, "defence": defence, "pretrained": runs[0]["points"][0], "points": points,
+             "best": best_run["best"], "lrs": [r["lr"] for r in runs], "epochs": clean_config(params).epochs,
+             "seconds": sum(r["seconds"] for r in runs)}
+    atomic_write_json(cell / "sweep.json", sweep)
+    return sweep
