@@ -42,14 +42,14 @@ def load_model(checkpoint: Path, model_name: str | None = None, objective: str =
     model_config.json beside it (our exports) or from `model_name`."""
     from tasks.pretrain import build_model
 
+    if not checkpoint.is_file():
+        raise EvalError(f"checkpoint not found: {checkpoint}")
     config = checkpoint.parent / "model_config.json"
     if model_name is None:
         if not config.is_file():
             raise EvalError(f"{checkpoint}: no model_config.json beside it; give the open_clip model name")
         meta = json.loads(config.read_text())
         model_name, objective = meta["model"], meta.get("objective", objective)
-    if not checkpoint.is_file():
-        raise EvalError(f"checkpoint not found: {checkpoint}")
     model, preprocess, tokenizer = build_model(model_name, objective)
     state = _state_dict(checkpoint)
     missing, unexpected = [], []

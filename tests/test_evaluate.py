@@ -115,6 +115,10 @@ def test_checkpoint_that_does_not_match_its_config(tmp_path):
     atomic_write_json(tmp_path / "model_config.json", {"model": "rn-tiny", "objective": "mmcl"})
     with pytest.raises(EvalError, match="does not match model 'rn-tiny'"):
         ev.load_model(tmp_path / "model.pt")
+    with pytest.raises(EvalError, match="checkpoint not found"):
+        ev.load_model(tmp_path / "other" / "model.pt")
+    (tmp_path / "other").mkdir()
+    torch.save({}, tmp_path / "other" / "model.pt")
     with pytest.raises(EvalError, match="no model_config.json beside it"):
         ev.load_model(tmp_path / "other" / "model.pt")
 

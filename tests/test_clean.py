@@ -1,0 +1,127 @@
+"""The clean stage on tiny data: a 2 lr x 2 epoch sweep through Prefect and Ray, shrink-and-perturb,
+a learning-rate-0 run that must leave every metric unchanged, and bad input."""
+import json
+
+import pytest
+import torch
+
+from defences import get_defence
+from flows.clean import clean_flow
+from flows.common import make_task_runner
+from tasks import clean, curate, poison
+from tasks.config import ConfigError, RunnerConfig, parse_params
+from tasks.pretrain import build_model, model_config
+from tasks.shards import atomic_write_json
+from tests.conftest import tiny_params
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Curated and poisoned tiny data, and a (randomly initialised) exported model to clean."""
+    root = tmp_path_factory.mktemp("clean")
+    raw = tiny_params(root, [], shard_maxcount=64)
+    raw["curate"]["sources"][0] |= {"train_pairs": 160, "eval_per_class": 2}
+    raw["poison"] = {"in_dir": str(root / "data" / "curated"), "out_dir": str(root / "data" / "poisoned"), "count": 8,
+                     "trigger": {"patch_size": 0.25}, "cleaning": {"size": 48}}
+    params = parse_params(raw)
+    curate.run_sequential(params)
+    poison.run_sequential(params)
+    models = root / "data" / "models" / "pretrain"
+    for name in ("mmcl", "mmcl_ssl"):
+        torch.manual_seed(0)
+        model, _, _ = build_model("vit-tiny", "mmcl")
+        (models / name).mkdir(parents=True)
+        torch.save(model.state_dict(), models / name / "model.pt")
+        atomic_write_json(models / name / "model_config.json", {"model": "vit-tiny", "objective": name,
+                                                                "open_clip_config": model_config("vit-tiny")})
+    return root, raw
+
+
+def clean_params(setup, tmp_path, **cfg):
+    root, raw = setup
+    raw = json.loads(json.dumps(raw))
+    raw["clean"] = {"data_dir": str(root / "data" / "poisoned" / "cleaning"),
+                    "eval_dir": str(root / "data" / "poisoned" / "eval"),
+                    "models_dir": str(root / "data" / "models" / "pretrain"), "out_dir": str(tmp_path / "clean"),
+                    "models": ["mmcl"], "lrs": [1e-3, 3e-3], "epochs": 2, "batch_size": 16, "warmup_steps": 2,
+                    "runner": {"kind": "ray", "workers": 2}, "threads_per_run": 1} | cfg
+    return parse_params(raw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def test_sweep_through_prefect_and_ray(setup, tmp_path, prefect_api_url):
+    params = clean_params(setup, tmp_path)
+    flow = clean_flow.with_options(task_runner=make_task_runner(params.clean.runner))
+    (sweep,) = flow(params, [("mmcl", "cleanclip")])
+    assert sweep["lrs"] == [1e-3, 3e-3] and len(sweep["points"]) == 2 * 2
+    for p in sweep["points"]:
+        assert {"accuracy", "asr", "clean_target_rate", "asr_excess", "loss", "lr", "epoch"} <= p.keys()
+        assert 0 <= p["accuracy"] <= 1 and 0 <= p["asr"] <= 1
+    cell = tmp_path / "clean" / "mmcl" / "cleanclip"
+    assert sweep["pretrained"]["epoch"] == 0
+    assert json.loads((cell / "sweep.json").read_text()) == sweep
+    assert (cell / "best.pt").is_file() and not list(cell.glob("lr-*/best.pt"))  # only the frontier's best is kept
+    for lr in ("0.001", "0.003"):
+        assert [p["epoch"] for p in json.loads((cell / f"lr-{lr}" / "epochs.json").read_text())["points"]] == [0, 1, 2]
+
+
+def test_finished_runs_are_kept_on_rerun(setup, tmp_path):
+    params = clean_params(setup, tmp_path, lrs=[1e-3], epochs=1)
+    first = clean.clean_run(params, "mmcl", "cleanclip", 1e-3)
+    marker = clean.run_dir(params, "mmcl", "cleanclip", 1e-3) / "epochs.json"
+    stamp = marker.stat().st_mtime_ns
+    assert clean.clean_run(params, "mmcl", "cleanclip", 1e-3) == first and marker.stat().st_mtime_ns == stamp
+
+
+def test_learning_rate_zero_changes_nothing(setup, tmp_path):
+    params = clean_params(setup, tmp_path, epochs=2)
+    result = clean.clean_run(params, "mmcl", "cleanclip", 0.0)
+    metrics = ("accuracy", "top5", "asr", "asr_top5", "clean_target_rate")
+    before = {k: result["points"][0][k] for k in metrics}
+    for p in result["points"][1:]:
+        assert {k: p[k] for k in metrics} == before
+
+
+def test_shrink_perturb_moves_weights_by_the_expected_amount():
+    torch.manual_seed(0)
+    model, _, _ = build_model("vit-tiny", "mmcl")
+    fresh, _, _ = build_model("vit-tiny", "mmcl")
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    get_defence("shrink_perturb", shrink=0.9, perturb=0.01).prepare(model, fresh)
+    fresh_params = dict(fresh.named_parameters())
+    for name, p in model.named_parameters():
+        expected = before[name] if name == "logit_scale" else 0.9 * before[name] + 0.01 * fresh_params[name]
+        assert torch.allclose(p, expected, atol=1e-7), name
+
+
+def test_bad_input_is_rejected_before_training(setup, tmp_path):
+    with pytest.raises(clean.CleanError, match="checkpoint not found"):
+        clean.check_sweep(clean_params(setup, tmp_path, models=["siglip"]), "siglip", "cleanclip")
+    root, _ = setup
+    bad = root / "data" / "models" / "pretrain" / "broken"
+    bad.mkdir(exist_ok=True)
+    torch.save({"visual.wrong": torch.zeros(2)}, bad / "model.pt")
+    atomic_write_json(bad / "model_config.json", {"model": "vit-tiny", "objective": "mmcl"})
+    with pytest.raises(clean.CleanError, match="does not match model 'vit-tiny'"):
+        clean.check_sweep(clean_params(setup, tmp_path), "broken", "cleanclip")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    atomic_write_json(empty / "sizes.json", {})
+    with pytest.raises(clean.CleanError, match="the cleaning subset has 0 pairs"):
+        clean.check_sweep(clean_params(setup, tmp_path, data_dir=str(empty)), "mmcl", "cleanclip")
+    with pytest.raises(ConfigError, match=r"learning rates must be positive, got \[0.0, -0.001\]"):
+        clean_params(setup, tmp_path, lrs=[0.0, -1e-3, 1e-3])
+    with pytest.raises(ConfigError, match="unknown defence 'fine-pruning'"):
+        clean_params(setup, tmp_path, defences=["fine-pruning"])
+    with pytest.raises(KeyError, match="known defences"):
+        get_defence("nope")
+    assert make_task_runner(RunnerConfig(kind="thread")) is not None
