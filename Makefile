@@ -28,14 +28,13 @@ $(VENV)/.installed: pyproject.toml
 	dvc init --quiet
 
 run: setup
-	dvc repro
-	@echo "curated data: data/curated (stats: data/curated/stats.json)"
+	python -m flows.pipeline
 
 test: setup
 	python -m pytest
 
 bench: setup
-	python benchmarks/curate.py
+	for b in curate poison objectives pretrain clean; do python benchmarks/$$b.py || exit 1; done
 
 clean-staging:
 	rm -rf data/staging

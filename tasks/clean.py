@@ -121,14 +121,16 @@ def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> 
         model.train()
         if cfg.freeze_bn_stats:
             _freeze_bn_stats(model)
-        losses = []
+        losses, epoch_start = [], time.time()
         for batch in prefetch(stream.epoch(epoch)):
             loss, _ = objective(wrapper({k: v.to(device) for k, v in batch.items() if k != "keys"}))
             loss.backward()
             optimizer_step(model, optimizer, scheduler)
             losses.append(loss.item())
+        train_seconds, eval_start = time.time() - epoch_start, time.time()
         point = {"epoch": epoch + 1, "lr": lr, "loss": sum(losses) / len(losses),
                  **_measure(params, model, preprocess, tokenizer, device)}
+        point |= {"train_seconds": round(train_seconds, 2), "eval_seconds": round(time.time() - eval_start, 2)}
         points.append(point)
         if _better(point, best):
             best = point

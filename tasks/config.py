@@ -281,6 +281,11 @@ class EvaluateConfig(Strict):
     use_gpu: Literal["auto", True, False] = "auto"
 
 
+class ScheduleConfig(Strict):
+    name: Annotated[str, Field(min_length=1)] = "study"  # the deployment's name
+    cron: Annotated[str, Field(min_length=9)] = "0 3 * * 1"  # when `python -m flows.deploy` runs the pipeline
+
+
 class Params(Strict):
     seed: Annotated[int, Field(ge=0)] = 0
     curate: CurateConfig
@@ -288,6 +293,7 @@ class Params(Strict):
     pretrain: PretrainConfig | None = None
     clean: CleanConfig | None = None
     evaluate: EvaluateConfig | None = None
+    schedule: ScheduleConfig = ScheduleConfig()
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

@@ -208,11 +208,11 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    log_path = Path(run["storage"]) / run["run_id"] / "train_log.jsonl"
-    if rank == 0:  # keep the log consistent with the checkpoint resumed from
-        lines = log_path.read_text().splitlines() if log_path.exists() else []
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("".join(f"{l}\n" for l in lines if json.loads(l)["step"] <= position["step"]))
+    # The per-step log travels inside each checkpoint, so a resumed run (on any node) continues it.
+    log_path = Path(tempfile.mkdtemp()) / "train_log.jsonl"
+    if checkpoint and rank == 0:
+        with checkpoint.as_directory() as d:
+            shutil.copyfile(Path(d) / "train_log.jsonl", log_path)
     step, start_step, started = position["step"], position["step"], time.time()
     window_start, window_samples = started, 0
     for epoch in range(position["epoch"], cfg.epochs):
@@ -249,6 +249,7 @@ def train_loop_per_worker(config: dict) -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     if rank == 0:
                         _save_checkpoint(Path(tmp), model, optimizer, scheduler, position, run)
+                        shutil.copyfile(log_path, Path(tmp) / "train_log.jsonl")
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
@@ -306,7 +307,7 @@ def export(params: Params, run: dict, checkpoint, seconds: float, use_gpu: bool)
     torch.save(state["model"], partial / "model.pt")
     atomic_write_json(partial / "model_config.json", {"model": params.pretrain.model, "objective": run["objective"],
                                                       "open_clip_config": run["model_config"]})
-    log = Path(run["storage"]) / run["run_id"] / "train_log.jsonl"
+    log = partial / "checkpoint" / "train_log.jsonl"
     shutil.copyfile(log, partial / "train_log.jsonl")
     records = [json.loads(line) for line in log.read_text().splitlines()]
     rates = [r["samples_per_s"] for r in records if "samples_per_s" in r]

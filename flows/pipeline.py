@@ -1,0 +1,69 @@
+"""The whole study as one Prefect flow: curate -> poison -> pretrain -> clean -> evaluate, each stage
+through DVC (`dvc repro <stage>`: an unchanged stage is skipped, dvc.lock records lineage), with retries
+on transient failures; ends with the study's table and verdict as artifacts.
+
+    python -m flows.pipeline
+
+The stages read params.yaml (DVC's params file); vary it with `dvc exp run -S key=value`.
+"""
+from __future__ import annotations
+
+import subprocess
+import time
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from flows.common import params_from_argv, prefect_api
+from tasks import report
+from tasks.config import Params
+
+STAGES = ["curate", "poison", "pretrain", "pretrain_baseline", "clean", "evaluate"]
+
+
+@task(name="dvc-repro", retries=1, retry_delay_seconds=10, task_run_name="dvc-repro-{stage}")
+def repro(stage: str) -> dict:
+    """`dvc repro` one stage (a foreach/matrix group runs all its items); its output goes to the log."""
+    logger = get_run_logger()
+    started = time.time()
+    proc = subprocess.run(["dvc", "repro", stage], capture_output=True, text=True)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.strip():
+            logger.info(line)
+    if proc.returncode:
+        raise RuntimeError(f"dvc repro {stage} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    ran = "Running stage" in proc.stdout
+    return {"stage": stage, "ran": ran, "seconds": round(time.time() - started, 1)}
+
+
+@task(name="study-summary")
+def summary(params: Params) -> dict:
+    import json
+
+    cells = json.loads((params.evaluate.metrics_dir / "frontier.json").read_text())
+    pretrained = json.loads((params.evaluate.metrics_dir / "pretrain.json").read_text())
+    rows = report.table_rows(cells) or report.model_rows(pretrained)
+    verdict = report.verdict(pretrained, cells)
+    create_table_artifact(key="study-table", table=rows, description="the study's table (pipeline)")
+    create_markdown_artifact(key="study-verdict", markdown=verdict, description="verdict (pipeline)")
+    return {"rows": rows, "verdict": verdict, "report": str(params.evaluate.report_dir / "report.md"),
+            "models": report.model_rows(pretrained)}
+
+
+@flow(name="pipeline")
+def pipeline_flow(params: Params) -> dict:
+    stages = [repro(stage) for stage in STAGES]
+    return {"stages": stages} | summary(params)
+
+
+if __name__ == "__main__":
+    params = params_from_argv(__doc__)
+    with prefect_api():
+        result = pipeline_flow(params)
+    for s in result["stages"]:
+        print(f"{s['stage']:>18}: {'ran' if s['ran'] else 'up to date'} ({s['seconds']:.0f} s)")
+    print()
+    print(report.markdown_table(result["models"]))
+    print(report.markdown_table(result["rows"]))
+    print(result["verdict"])
+    print(f"\nreport: {result['report']}")
