@@ -23,16 +23,18 @@ STAGES = ["curate", "poison", "pretrain", "pretrain_baseline", "clean", "evaluat
 
 @task(name="dvc-repro", retries=1, retry_delay_seconds=10, task_run_name="dvc-repro-{stage}")
 def repro(stage: str) -> dict:
-    """`dvc repro` one stage (a foreach/matrix group runs all its items); its output goes to the log."""
+    """`dvc repro` one stage (a foreach/matrix group runs all its items), its output streamed to the log."""
     logger = get_run_logger()
-    started = time.time()
-    proc = subprocess.run(["dvc", "repro", stage], capture_output=True, text=True)
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip():
-            logger.info(line)
+    started, lines = time.time(), []
+    with subprocess.Popen(["dvc", "repro", stage], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.strip():
+                logger.info(line.rstrip())
     if proc.returncode:
-        raise RuntimeError(f"dvc repro {stage} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    ran = "Running stage" in proc.stdout
+        tail = "\n".join(lines[-40:])
+        raise RuntimeError(f"dvc repro {stage} failed (exit {proc.returncode}):\n{tail}")
+    ran = any(line.startswith("Running stage") for line in lines)
     return {"stage": stage, "ran": ran, "seconds": round(time.time() - started, 1)}
 
 

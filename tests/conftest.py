@@ -131,6 +131,17 @@ def tiny_params(tmp_path: Path, sources: list[dict], **curate) -> dict:
     }
 
 
+def curated_tiny(root: Path, train_pairs: int, eval_per_class: int, shard_maxcount: int) -> dict:
+    """Curate a tiny generated corpus under root (no orchestration); returns its raw params."""
+    from tasks import curate
+    from tasks.config import parse_params
+
+    raw = tiny_params(root, [], shard_maxcount=shard_maxcount)
+    raw["curate"]["sources"][0] |= {"train_pairs": train_pairs, "eval_per_class": eval_per_class}
+    curate.run_sequential(parse_params(raw))
+    return raw
+
+
 def write_params(path: Path, params: dict) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

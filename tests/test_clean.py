@@ -8,11 +8,11 @@ import torch
 from defences import get_defence
 from flows.clean import clean_flow
 from flows.common import make_task_runner
-from tasks import clean, curate, poison
+from tasks import clean, poison
 from tasks.config import ConfigError, RunnerConfig, parse_params
 from tasks.pretrain import build_model, model_config
 from tasks.shards import atomic_write_json
-from tests.conftest import tiny_params
+from tests.conftest import curated_tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -21,13 +21,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 def setup(tmp_path_factory):
     """Curated and poisoned tiny data, and a (randomly initialised) exported model to clean."""
     root = tmp_path_factory.mktemp("clean")
-    raw = tiny_params(root, [], shard_maxcount=64)
-    raw["curate"]["sources"][0] |= {"train_pairs": 160, "eval_per_class": 2}
+    raw = curated_tiny(root, train_pairs=160, eval_per_class=2, shard_maxcount=64)
     raw["poison"] = {"in_dir": str(root / "data" / "curated"), "out_dir": str(root / "data" / "poisoned"), "count": 8,
                      "trigger": {"patch_size": 0.25}, "cleaning": {"size": 48}}
-    params = parse_params(raw)
-    curate.run_sequential(params)
-    poison.run_sequential(params)
+    poison.run_sequential(parse_params(raw))
     models = root / "data" / "models" / "pretrain"
     for name in ("mmcl", "mmcl_ssl"):
         torch.manual_seed(0)

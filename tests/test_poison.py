@@ -9,22 +9,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.poison import run
-from tasks import curate, poison
+from tasks import poison
 from tasks.config import ConfigError, parse_params
 from tasks.shards import iter_tar_samples, read_manifest, write_table
 from tasks.validation import ValidationFailed, raise_on_failure
-from tests.conftest import tiny_params
+from tests.conftest import curated_tiny
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def curated(tmp_path_factory):
-    root = tmp_path_factory.mktemp("curated")
-    raw = tiny_params(root, [], shard_maxcount=50)
-    raw["curate"]["sources"][0] |= {"train_pairs": 120, "eval_per_class": 3}
-    curate.run_sequential(parse_params(raw))
-    return raw
+    return curated_tiny(tmp_path_factory.mktemp("curated"), train_pairs=120, eval_per_class=3, shard_maxcount=50)
 
 
 def poison_params(curated, tmp_path, **poison_cfg):

@@ -13,9 +13,9 @@ import torch
 
 from objectives import REGISTRY
 from objectives.base import Objective
-from tasks import curate, pretrain
+from tasks import pretrain
 from tasks.config import parse_params
-from tests.conftest import REPO, tiny_params, write_params
+from tests.conftest import REPO, curated_tiny, write_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -24,10 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 def data(tmp_path_factory):
     """192 curated pairs in 3 shards of 64 (3 shards over 2 workers: uneven on purpose)."""
     root = tmp_path_factory.mktemp("pretrain")
-    raw = tiny_params(root, [], shard_maxcount=64)
-    raw["curate"]["sources"][0] |= {"train_pairs": 192, "eval_per_class": 2}
-    curate.run_sequential(parse_params(raw))
-    return root, raw
+    return root, curated_tiny(root, train_pairs=192, eval_per_class=2, shard_maxcount=64)
 
 
 @pytest.fixture(scope="module", autouse=True)
