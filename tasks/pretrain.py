@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -38,6 +39,16 @@ def pretrain_config(params: Params) -> PretrainConfig:
 
 def run_label(objective: str, baseline: bool) -> str:
     return f"clean-{objective}" if baseline else objective
+
+
+class _FromScratchNotice(logging.Filter):
+    """open_clip warns on every model built without pretrained weights: here that is the point."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+logging.getLogger().addFilter(_FromScratchNotice())
 
 
 def register_models() -> None:
@@ -265,7 +276,7 @@ def init_ray(cfg: PretrainConfig) -> None:
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.num_workers + 1), include_dashboard=False,
+        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.num_workers + 1), dashboard_host="127.0.0.1",
                  logging_level="WARNING", _node_ip_address="127.0.0.1")
 
 

@@ -64,12 +64,15 @@ def test_mixed_sources_good_written_bad_quarantined(tmp_path, prefect_api_url, m
 
 
 def test_same_output_whatever_the_runner_and_resume(tmp_path, prefect_api_url, mixed_sources):
-    """Thread and process runners give byte-identical shards; a finished partition is not redone."""
+    """Thread, process and Ray runners give byte-identical shards; a finished partition is not redone."""
+    hashes = []
+    for name, runner in [("a", {"kind": "thread", "workers": 1}), ("b", {"kind": "process", "workers": 2}),
+                         ("c", {"kind": "ray", "workers": 2})]:
+        params = parse_params(tiny_params(tmp_path / name, [mixed_sources["csv"]], runner=runner))
+        run(params)
+        hashes.append(tar_hashes(params.curate.out_dir))
+    assert hashes[0] == hashes[1] == hashes[2] != {}
     a = parse_params(tiny_params(tmp_path / "a", [mixed_sources["csv"]], runner={"kind": "thread", "workers": 1}))
-    b = parse_params(tiny_params(tmp_path / "b", [mixed_sources["csv"]], runner={"kind": "process", "workers": 2}))
-    run(a)
-    run(b)
-    assert tar_hashes(a.curate.out_dir) == tar_hashes(b.curate.out_dir) != {}
 
     # Resume: a partition whose done-marker exists is read back, not recomputed.
     part = curate.plan_partitions(a)[0]
