@@ -32,30 +32,33 @@ def test_dvc_repro_noop_and_byte_identical(tmp_path, prefect_api_url):
     params["curate"]["staging_dir"] = "data/staging"
     params["poison"] = {"count": 4, "cleaning": {"size": 10}, "trigger": {"patch_size": 0.25},
                         "runner": {"kind": "thread", "workers": 2}}
+    # dvc.yaml's foreach/matrix read these lists from params.yaml; this test runs curate and poison only
+    params["pretrain"] = {"objectives": ["mmcl"], "baselines": ["mmcl"]}
+    params["clean"] = {"models": ["mmcl"], "defences": ["cleanclip"]}
     write_params(repo / "params.yaml", params)
     env = dict(os.environ, PREFECT_API_URL=prefect_api_url,
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     sh(repo, "git", "init", "-q", env=env)
     sh(repo, "dvc", "init", "-q", env=env)
 
-    first = sh(repo, "dvc", "repro", env=env)
+    first = sh(repo, "dvc", "repro", "poison", env=env)
     assert "Running stage 'curate'" in first and "Running stage 'poison'" in first
     hashes = shard_hashes(repo)
     # curated: 40 train pairs and 22 eval images in shards of 16; poisoned: train, clean eval, ASR eval, cleaning
     assert len(hashes) == (3 + 2) + (3 + 2 + 2 + 1)
     assert (repo / "dvc.lock").is_file()
 
-    second = sh(repo, "dvc", "repro", env=env)
+    second = sh(repo, "dvc", "repro", "poison", env=env)
     assert "Stage 'curate' didn't change, skipping" in second and "Stage 'poison' didn't change, skipping" in second
-    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status", env=env)
+    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status", "curate", "poison", env=env)
 
-    sh(repo, "dvc", "repro", "--force", env=env)
+    sh(repo, "dvc", "repro", "--force", "curate", "poison", env=env)
     assert shard_hashes(repo) == hashes
 
     # A poison-only change reruns poison, not curate.
     params["poison"]["count"] = 5
     write_params(repo / "params.yaml", params)
-    rerun = sh(repo, "dvc", "repro", env=env)
+    rerun = sh(repo, "dvc", "repro", "poison", env=env)
     assert "Stage 'curate' didn't change, skipping" in rerun and "Running stage 'poison'" in rerun
     changed = shard_hashes(repo)
     assert {k for k in hashes if changed[k] != hashes[k]} <= {k for k in hashes if k.startswith("data/poisoned")}
@@ -63,8 +66,8 @@ def test_dvc_repro_noop_and_byte_identical(tmp_path, prefect_api_url):
 
     params["seed"] = 8
     write_params(repo / "params.yaml", params)
-    assert "curate" in sh(repo, "dvc", "status", env=env)
-    assert "Running stage 'curate'" in sh(repo, "dvc", "repro", env=env)
+    assert "curate" in sh(repo, "dvc", "status", "curate", "poison", env=env)
+    assert "Running stage 'curate'" in sh(repo, "dvc", "repro", "poison", env=env)
     changed = shard_hashes(repo)
     assert changed.keys() == hashes.keys() and changed["data/curated/train/shard-000000.tar"] != hashes["data/curated/train/shard-000000.tar"]
 

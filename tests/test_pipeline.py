@@ -29,7 +29,7 @@ def tiny_study(repo: Path) -> dict:
                         "runner": {"kind": "thread", "workers": 2}}
     params["pretrain"] = {"objectives": ["mmcl"], "baselines": ["mmcl"], "model": "vit-tiny", "epochs": 1,
                           "batch_size": 32, "warmup_steps": 1, "checkpoint_every": 100, "threads_per_worker": 1}
-    params["clean"] = {"models": ["mmcl", "clean-mmcl"], "lrs": [1e-3], "epochs": 1, "batch_size": 16,
+    params["clean"] = {"models": ["mmcl", "clean-mmcl"], "defences": ["cleanclip"], "lrs": [1e-3], "epochs": 1, "batch_size": 16,
                        "runner": {"kind": "thread", "workers": 1}}
     params["evaluate"] = {}
     return params
