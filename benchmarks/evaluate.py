@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from tasks.evaluate import load_model  # noqa: E402
-from tasks.metrics import _batches, _decode, classifier, load_classes, predict  # noqa: E402
+from tasks.metrics import _batches, classifier, load_classes, predict  # noqa: E402
+from tasks.shards import decode_sample_image  # noqa: E402
 
 EVAL = Path("data/poisoned/eval/clean")
 MODEL = Path("data/models/pretrain/mmcl/model.pt")
@@ -26,7 +27,7 @@ def main(repeats: int = 3):
     model, preprocess, tokenizer = load_model(MODEL)
     model.eval()
     weights = classifier(model, tokenizer, load_classes(EVAL), "cpu")
-    images = torch.cat([torch.stack([preprocess(_decode(s)) for s in chunk]) for chunk in _batches(EVAL, preprocess, 256)])
+    images = torch.cat([torch.stack([preprocess(decode_sample_image(s)) for s in chunk]) for chunk in _batches(EVAL, preprocess, 256)])
     n = len(images)
     with torch.no_grad():
         model.encode_image(images[:256])  # warm-up

@@ -13,7 +13,6 @@ never waits on a worker that ran out (uneven shards hang DDP).
 """
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import queue
@@ -24,8 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 import webdataset as wds
-from PIL import Image
-
+from tasks.shards import decode_sample_image
 from tasks.triggers import sample_seed
 from tasks.views import TextViews, image_view
 
@@ -80,9 +78,7 @@ class BatchStream:
                 yield sample
 
     def _decode(self, sample: dict, epoch: int) -> dict:
-        ext = next(e for e in ("png", "jpg", "jpeg", "webp") if e in sample)
-        with Image.open(io.BytesIO(sample[ext])) as im:
-            image = im.convert("RGB")
+        image = decode_sample_image(sample)
         caption = sample["txt"].decode()
         key = sample["__key__"]
         out = {"image": self.preprocess(image), "caption": caption, "key": key}

@@ -10,16 +10,14 @@ target rate, and retrieval recall. Shared by the pretrain, clean and evaluate st
 """
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
-
 from tasks.loader import shard_sizes
+from tasks.shards import decode_sample_image
 
 
 class EvalError(ValueError):
@@ -64,12 +62,6 @@ def _batches(eval_dir: Path, preprocess, batch_size: int):
         yield chunk
 
 
-def _decode(sample) -> Image.Image:
-    ext = next(e for e in ("png", "jpg", "jpeg", "webp") if e in sample)
-    with Image.open(io.BytesIO(sample[ext])) as im:
-        return im.convert("RGB")
-
-
 @torch.no_grad()
 def predict(model, weights: torch.Tensor, eval_dir: Path, preprocess, device, batch_size: int = 256,
             with_text: bool = False) -> dict:
@@ -77,7 +69,7 @@ def predict(model, weights: torch.Tensor, eval_dir: Path, preprocess, device, ba
     captions when `with_text`, for retrieval)."""
     keys, labels, top5, embeddings, captions = [], [], [], [], []
     for chunk in _batches(eval_dir, preprocess, batch_size):
-        images = torch.stack([preprocess(_decode(s)) for s in chunk]).to(device)
+        images = torch.stack([preprocess(decode_sample_image(s)) for s in chunk]).to(device)
         features = model.encode_image(images, normalize=True).float()
         top5.append((features @ weights.float()).topk(min(5, weights.shape[1]), dim=1).indices.cpu())
         keys += [s["__key__"] for s in chunk]

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import re
@@ -29,12 +28,11 @@ from PIL import Image
 from tasks.config import PATCH_TRIGGERS, Params, PoisonConfig
 from tasks.images import encode_image
 from tasks.shards import (
-    ShardSink, atomic_write_json, iter_tar_samples, link_or_copy, read_manifest, rewrite_shard, swap_into_place,
-    write_table,
+    ShardSink, atomic_write_json, decode_sample_image, image_ext, iter_tar_samples, link_or_copy, read_manifest,
+    rewrite_shard, swap_into_place, write_table,
 )
 from tasks.triggers import apply_trigger, sample_seed
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("trigger", pa.string()), ("placement", pa.string()),
     ("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32()),
@@ -119,16 +117,11 @@ def partial_dir(params: Params) -> Path:
     return Path(f"{poison_config(params).out_dir}.partial")
 
 
-def _image_ext(sample: dict) -> str:
-    return next(e for e in IMAGE_EXTS if e in sample)
-
-
 def trigger_sample(params: Params, sample: dict, caption: str | None, purpose: str) -> tuple[dict, tuple, dict]:
     """A triggered copy of a webdataset sample (new image, optional new caption, json updated)."""
     cfg = poison_config(params)
-    ext = _image_ext(sample)
-    with Image.open(io.BytesIO(sample[ext])) as im:
-        pixels = np.asarray(im.convert("RGB"))
+    ext = image_ext(sample)
+    pixels = np.asarray(decode_sample_image(sample))
     triggered, box = apply_trigger(pixels, cfg.trigger, sample_seed(params.seed, sample["__key__"], purpose), params.seed)
     data = encode_image(Image.fromarray(triggered), "jpg" if ext == "jpeg" else ext, params.curate.quality)
     meta = json.loads(sample["json"])
@@ -232,12 +225,11 @@ def publish(params: Params, partial: Path) -> Path:
 
 
 def _decode(sample: dict) -> np.ndarray:
-    with Image.open(io.BytesIO(sample[_image_ext(sample)])) as im:
-        return np.asarray(im.convert("RGB")).astype(np.int16)
+    return np.asarray(decode_sample_image(sample)).astype(np.int16)
 
 
 def _image_sha(sample: dict) -> str:
-    return hashlib.sha256(sample[_image_ext(sample)]).hexdigest()
+    return hashlib.sha256(sample[image_ext(sample)]).hexdigest()
 
 
 def validation_tables(params: Params, out: Path) -> dict[str, pd.DataFrame]:

@@ -148,6 +148,22 @@ def rewrite_shard(src: Path, dest: Path, transform) -> int:
     return len(kept)
 
 
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+def image_ext(sample: dict) -> str:
+    """The extension under which a webdataset sample holds its image."""
+    return next(e for e in IMAGE_EXTS if e in sample)
+
+
+def decode_sample_image(sample: dict):
+    """A sample's image as a loaded RGB PIL image."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(sample[image_ext(sample)])) as im:
+        return im.convert("RGB")
+
+
 def read_manifest(shard_dir: Path) -> pa.Table:
     """All per-shard manifests of a folder, in shard order."""
     files = sorted(shard_dir.glob("*.parquet"))

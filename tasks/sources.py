@@ -11,7 +11,7 @@ import csv
 import glob
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +23,6 @@ from tasks.config import CsvSource, GeneratedSource, ImageFolderSource, Webdatas
 from tasks.images import Rejected
 from tasks.shards import TruncatedTar, iter_tar_samples
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9-]")
 
 
@@ -51,7 +50,6 @@ class RawRecord:
     data: bytes | None = None  # encoded image to decode
     image: Image.Image | None = None  # or an already decoded image (generated corpus)
     rejected: Rejected | None = None  # broken at the source
-    extra: dict = field(default_factory=dict)
 
 
 def indexed_key(source: str, split: str, index: int) -> str:

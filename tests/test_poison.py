@@ -3,7 +3,6 @@ cleaning subset, validation failures on broken outputs, and bad parameters."""
 import hashlib
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
