@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from defences import get_defence
-from tasks.config import CleanConfig, Params
+from tasks.config import CleanConfig, Params, attack_target, require_section
 from tasks.evaluate import flat, load_model
 from tasks.loader import BatchStream, prefetch, shard_sizes
 from tasks.metrics import EvalError, evaluate
@@ -30,16 +30,11 @@ class CleanError(ValueError):
 
 
 def clean_config(params: Params) -> CleanConfig:
-    if params.clean is None:
-        raise CleanError("params has no `clean` section")
-    return params.clean
+    return require_section(params, "clean", CleanError)
 
 
 def target_of(params: Params) -> str:
-    target = clean_config(params).target or (params.poison.target if params.poison else None)
-    if target is None:
-        raise CleanError("clean.target: no target (set it, or the poison section's target)")
-    return target
+    return attack_target(params, "clean", CleanError)
 
 
 def checkpoint_of(params: Params, model: str) -> Path:

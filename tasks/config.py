@@ -296,6 +296,22 @@ class Params(Strict):
     schedule: ScheduleConfig = ScheduleConfig()
 
 
+def require_section(params: "Params", name: str, error: type[Exception] = ValueError):
+    """A stage's section of params, or `error` saying it is missing."""
+    section = getattr(params, name)
+    if section is None:
+        raise error(f"params has no `{name}` section")
+    return section
+
+
+def attack_target(params: "Params", name: str, error: type[Exception] = ValueError) -> str:
+    """The backdoor target for section `name`: its own `target`, else the poison section's."""
+    target = require_section(params, name, error).target or (params.poison.target if params.poison else None)
+    if target is None:
+        raise error(f"{name}.target: no target (set it, or the poison section's target)")
+    return target
+
+
 def _format_errors(err: ValidationError, origin: str) -> str:
     lines = [f"{origin}: {err.error_count()} invalid value(s):"]
     for e in err.errors():

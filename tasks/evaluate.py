@@ -8,24 +8,18 @@ from pathlib import Path
 
 import torch
 
-from tasks.config import EvaluateConfig, Params
+from tasks.config import EvaluateConfig, Params, attack_target, require_section
 from tasks.frontier import frontier
 from tasks.metrics import EvalError, evaluate
 from tasks.shards import atomic_write_json
 
 
 def evaluate_config(params: Params) -> EvaluateConfig:
-    if params.evaluate is None:
-        raise EvalError("params has no `evaluate` section")
-    return params.evaluate
+    return require_section(params, "evaluate", EvalError)
 
 
 def target_of(params: Params) -> str:
-    cfg = evaluate_config(params)
-    target = cfg.target or (params.poison.target if params.poison else None)
-    if target is None:
-        raise EvalError("evaluate.target: no target (set it, or the poison section's target)")
-    return target
+    return attack_target(params, "evaluate", EvalError)
 
 
 def _state_dict(path: Path) -> dict:

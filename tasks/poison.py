@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from tasks.config import PATCH_TRIGGERS, Params, PoisonConfig
+from tasks.config import PATCH_TRIGGERS, Params, PoisonConfig, require_section
 from tasks.images import encode_image
 from tasks.shards import (
     ShardSink, atomic_write_json, decode_sample_image, image_ext, iter_tar_samples, link_or_copy, read_manifest,
@@ -46,9 +46,7 @@ class PoisonError(ValueError):
 
 
 def poison_config(params: Params) -> PoisonConfig:
-    if params.poison is None:
-        raise PoisonError("params has no `poison` section")
-    return params.poison
+    return require_section(params, "poison", PoisonError)
 
 
 def names_target(caption: str, target: str) -> bool:

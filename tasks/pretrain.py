@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from objectives import clamp_logit_scale, get_objective
-from tasks.config import Params, PretrainConfig, parse_params
+from tasks.config import Params, PretrainConfig, parse_params, require_section
 from tasks.loader import SUPPORTED_VIEWS, BatchStream, prefetch, shard_sizes
 from tasks.shards import atomic_write_json
 
@@ -32,9 +32,7 @@ class PretrainError(ValueError):
 
 
 def pretrain_config(params: Params) -> PretrainConfig:
-    if params.pretrain is None:
-        raise PretrainError("params has no `pretrain` section")
-    return params.pretrain
+    return require_section(params, "pretrain", PretrainError)
 
 
 def run_label(objective: str, baseline: bool) -> str:
