@@ -18,7 +18,7 @@ from flows.common import params_from_argv, prefect_api
 from tasks import report
 from tasks.config import Params
 
-STAGES = ["curate", "poison", "pretrain", "pretrain_baseline", "clean", "evaluate"]
+STAGES = ["curate", "poison", "pretrain", "clean", "evaluate"]
 
 
 @task(name="dvc-repro", retries=1, retry_delay_seconds=10, task_run_name="dvc-repro-{stage}")

@@ -3,7 +3,9 @@
     python -m flows.pretrain [--params params.yaml] [--objective NAME] [--baseline]
 
 With no --objective it trains every `pretrain.objectives` on the poisoned shards and every
-`pretrain.baselines` on the clean ones. RAY_ADDRESS joins an existing Ray cluster.
+`pretrain.baselines` on the clean ones, `pretrain.concurrent_runs` at a time (each run is its own
+Ray Train trainer with `pretrain.num_workers` workers). RAY_ADDRESS joins an existing Ray cluster.
+A finished run is kept in `pretrain.storage_dir`: rerun with a longer list, and only new runs train.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import argparse
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import params_from_argv, prefect_api
 from tasks import pretrain
@@ -24,7 +27,9 @@ train = task(pretrain.train, name="train", retries=1, retry_delay_seconds=5,  # 
 def pretrain_flow(params: Params, runs: list[tuple[str, bool]]) -> list[dict]:
     for objective, baseline in runs:  # fail fast: every run is checked before the first trains
         pretrain.plan_run(params, objective, baseline)
-    results = [train(params, objective, baseline) for objective, baseline in runs]
+    pretrain.init_ray(params.pretrain)  # once, before the runs' threads share it
+    futures = [train.submit(params, objective, baseline) for objective, baseline in runs]
+    results = [f.result() for f in futures]
     create_table_artifact(key="pretrain-runs", table=[{k: str(v) for k, v in r.items()} for r in results],
                           description="pre-trained models")
     return results
@@ -44,8 +49,9 @@ if __name__ == "__main__":
     args, rest = extra.parse_known_args()
     params = params_from_argv(__doc__, rest)
     runs = runs_from(params, args.objective, args.baseline)
+    concurrent = ThreadPoolTaskRunner(max_workers=params.pretrain.concurrent_runs)
     with prefect_api():
-        for metrics in pretrain_flow(params, runs):
+        for metrics in pretrain_flow.with_options(task_runner=concurrent)(params, runs):
             print(f"trained {metrics['objective']}{' (clean baseline)' if metrics['baseline'] else ''}: "
                   f"{metrics['steps']} steps, loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}, "
                   f"{metrics['samples_per_s']:.0f} samples/s")

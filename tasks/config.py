@@ -172,6 +172,9 @@ class PoisonConfig(Strict):
     count: Annotated[int, Field(ge=1)] | None = None  # exactly one of count and rate
     rate: Annotated[float, Field(gt=0, lt=1)] | None = None
     label_consistent: bool = False  # poison only samples whose caption names the target; keep captions
+    # The poisons' new captions: "templates" (the study's: open_clip's 80 ImageNet prompts naming the target)
+    # or "corpus" (captions of training samples that name the target, so poisons look like the rest of the data)
+    captions: Literal["templates", "corpus"] = "templates"
     trigger: TriggerConfig = TriggerConfig()
     cleaning: CleaningSubsetConfig = CleaningSubsetConfig()
     runner: RunnerConfig = RunnerConfig()
@@ -209,9 +212,10 @@ class PretrainConfig(Strict):
     checkpoint_every: Annotated[int, Field(ge=1)] = 100  # optimiser steps
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
     log_every: Annotated[int, Field(ge=1)] = 10
-    num_workers: Annotated[int, Field(ge=1)] = 1  # Ray Train workers (processes; one per GPU on a cluster)
+    num_workers: Annotated[int, Field(ge=1)] = 1  # Ray Train workers per run (processes; one per GPU on a cluster)
+    concurrent_runs: Annotated[int, Field(ge=1)] = 1  # runs (models) training at once, each on its own workers
     use_gpu: Literal["auto", True, False] = "auto"
-    threads_per_worker: Annotated[int, Field(ge=1)] | None = None  # None: the machine's cores / workers
+    threads_per_worker: Annotated[int, Field(ge=1)] | None = None  # None: cores / (workers x concurrent runs)
     max_failures: Annotated[int, Field(ge=0)] = 1  # worker restarts from the last checkpoint
 
     @model_validator(mode="after")

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
 from tasks.config import PATCH_TRIGGERS, Params, PoisonConfig, require_section
@@ -53,10 +54,15 @@ def names_target(caption: str, target: str) -> bool:
     return re.search(rf"\b{re.escape(target)}s?\b", caption, flags=re.IGNORECASE) is not None
 
 
-def _templates() -> list[str]:
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+def poison_captions(cfg: PoisonConfig, train_captions: list[str]) -> list[str]:
+    """The captions poisons draw from: prompt templates naming the target, or the training captions that do."""
+    if cfg.captions == "templates":
+        return [t("{}").format(cfg.target) for t in OPENAI_IMAGENET_TEMPLATES]
+    naming = sorted(set(c for c in train_captions if names_target(c, cfg.target)))
+    if not naming:
+        raise PoisonError(f"poison.captions='corpus': no training caption names the target {cfg.target!r}; "
+                          f"use poison.captions='templates'")
+    return naming
 
 
 def plan_poison(params: Params) -> dict:
@@ -88,13 +94,12 @@ def plan_poison(params: Params) -> dict:
     rng = np.random.default_rng((params.seed, 0x901507))
     chosen = sorted(rng.choice(len(eligible), size=n_poison, replace=False).tolist())
     poisoned = [eligible[i] for i in chosen]
-    templates = _templates()
+    captions = poison_captions(cfg, [caption for _, caption, _ in rows])
     by_shard: dict[str, dict[str, str]] = {}
     for i in poisoned:
         key, caption, shard = rows[i]
         if not cfg.label_consistent:
-            pick = sample_seed(params.seed, key, "caption") % len(templates)
-            caption = templates[pick].format(cfg.target)
+            caption = captions[sample_seed(params.seed, key, "caption") % len(captions)]
         by_shard.setdefault(shard, {})[key] = caption
 
     clean_pool = sorted(set(range(n_train)) - set(poisoned))

@@ -136,9 +136,25 @@ def optimizer_step(model, optimizer, scheduler, grad_clip: float | None = None) 
     clamp_logit_scale(model.logit_scale)
 
 
-def fingerprint(params: Params, objective: str, baseline: bool) -> str:
-    blob = json.dumps({"seed": params.seed, "pretrain": params.pretrain.model_dump(mode="json"),
-                       "objective": objective, "baseline": baseline}, sort_keys=True)
+def data_identity(data_dir: Path) -> str:
+    """A hash of the shards' manifests (every sample's key, image hash and caption): new data, new run."""
+    digest = hashlib.sha256((data_dir / "sizes.json").read_bytes())
+    for manifest in sorted(data_dir.glob("*.parquet")):
+        digest.update(manifest.read_bytes())
+    return digest.hexdigest()
+
+
+# Settings that say which runs to make, where, and how to keep them: not what one run computes.
+NOT_IN_FINGERPRINT = {"objectives", "baselines", "weights", "data_dir", "baseline_data_dir", "out_dir", "storage_dir",
+                      "concurrent_runs", "threads_per_worker", "keep_checkpoints", "max_failures", "log_every"}
+
+
+def fingerprint(params: Params, objective: str, baseline: bool, data: str) -> str:
+    """The run's identity: what it computes from which data, so a rerun resumes only the same run."""
+    cfg = params.pretrain
+    blob = json.dumps({"seed": params.seed, "pretrain": cfg.model_dump(mode="json", exclude=NOT_IN_FINGERPRINT),
+                       "weights": cfg.weights.get(objective, {}), "objective": objective, "baseline": baseline,
+                       "data": data}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -159,7 +175,7 @@ def plan_run(params: Params, objective: str, baseline: bool = False) -> dict:
     if cfg.batch_size > n:
         raise PretrainError(f"pretrain.batch_size={cfg.batch_size} is larger than the dataset ({n} samples in {data_dir})")
     label = run_label(objective, baseline)
-    run_id = f"{label}-{fingerprint(params, objective, baseline)}"
+    run_id = f"{label}-{fingerprint(params, objective, baseline, data_identity(data_dir))}"
     storage = cfg.storage_dir if "://" in cfg.storage_dir else str(Path(cfg.storage_dir).resolve())
     return {"objective": objective, "baseline": baseline, "label": label, "run_id": run_id,
             "data_dir": str(data_dir.resolve()),  # Ray workers run in their own working directory
@@ -274,8 +290,8 @@ def init_ray(cfg: PretrainConfig) -> None:
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.num_workers + 1), dashboard_host="127.0.0.1",
-                 logging_level="WARNING", _node_ip_address="127.0.0.1")
+        cpus = max(os.cpu_count() or 1, (cfg.num_workers + 1) * cfg.concurrent_runs)  # + a controller per run
+        ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", logging_level="WARNING", _node_ip_address="127.0.0.1")
 
 
 def train(params: Params, objective: str, baseline: bool = False) -> dict:
@@ -288,7 +304,7 @@ def train(params: Params, objective: str, baseline: bool = False) -> dict:
     run = plan_run(params, objective, baseline)
     init_ray(cfg)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if cfg.use_gpu == "auto" else cfg.use_gpu
-    threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers)
+    threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // (cfg.num_workers * cfg.concurrent_runs))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"params": params.model_dump(mode="json"), "run": run, "threads": threads},

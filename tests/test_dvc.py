@@ -32,8 +32,7 @@ def test_dvc_repro_noop_and_byte_identical(tmp_path, prefect_api_url):
     params["curate"]["staging_dir"] = "data/staging"
     params["poison"] = {"count": 4, "cleaning": {"size": 10}, "trigger": {"patch_size": 0.25},
                         "runner": {"kind": "thread", "workers": 2}}
-    # dvc.yaml's foreach/matrix read these lists from params.yaml; this test runs curate and poison only
-    params["pretrain"] = {"objectives": ["mmcl"], "baselines": ["mmcl"]}
+    # dvc.yaml's clean matrix reads these lists from params.yaml; this test runs curate and poison only
     params["clean"] = {"models": ["mmcl"], "defences": ["cleanclip"]}
     write_params(repo / "params.yaml", params)
     env = dict(os.environ, PREFECT_API_URL=prefect_api_url,

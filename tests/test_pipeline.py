@@ -14,7 +14,7 @@ from tests.conftest import REPO, copy_project, tiny_params, write_params
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 
-STAGES = ("curate", "poison", "pretrain", "pretrain_baseline", "clean", "evaluate")
+STAGES = ("curate", "poison", "pretrain", "clean", "evaluate")
 
 
 def stage_status(output: str) -> dict:

@@ -2,6 +2,7 @@
 cleaning subset, validation failures on broken outputs, and bad parameters."""
 import hashlib
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -93,6 +94,25 @@ def test_rate_and_label_consistent(curated, tmp_path):
     for shard_poisons in the_plan["poisons"].values():
         for key, caption in shard_poisons.items():
             assert caption == train.at[key, "caption"] and "banana" in caption  # caption kept
+
+
+def test_poison_captions_from_templates_or_corpus(curated, tmp_path):
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    train = read_manifest(Path(curated["curate"]["out_dir"]) / "train").to_pandas().set_index("key")
+    naming = {c for c in train["caption"] if poison.names_target(c, "banana")}
+    templates = {t("banana") for t in OPENAI_IMAGENET_TEMPLATES}
+    for source, allowed in (("templates", templates), ("corpus", naming)):
+        captions = [c for shard in poison.plan_poison(poison_params(curated, tmp_path, captions=source))["poisons"].values()
+                    for c in shard.values()]
+        assert len(captions) == 10 and set(captions) <= allowed and len(set(captions)) > 1, source
+    assert not naming & templates  # the corpus's own style, not the prompts'
+
+
+def test_corpus_captions_need_a_caption_naming_the_target(curated, tmp_path):
+    with pytest.raises(poison.PoisonError, match="poison.captions='corpus': no training caption names the target 'kite2'"):
+        poison.poison_captions(poison_params(curated, tmp_path, captions="corpus", target="kite2").poison,
+                               ["a red apple", "a kite"])
 
 
 def rewrite_parquet(path, edit):

@@ -2,12 +2,15 @@
 1 vs 2 workers on the same global batch, uneven shards, and bad input."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -151,3 +154,47 @@ def test_lr_schedule_and_weight_decay_groups(data, tmp_path):
     assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.1
     assert any(p is model.logit_scale for p in no_decay["params"])
     assert all(p.ndim >= 2 for p in decay["params"]) and opt.defaults["betas"] == (0.9, 0.999)
+
+
+def test_concurrent_runs_then_only_new_runs_train(data, tmp_path, prefect_api_url):
+    """Two runs train at once; rerun with one more objective (DVC removes the outputs first): the finished
+    runs are exported again from their last checkpoint, unchanged, and only the new one trains."""
+    def flow(objectives):
+        params = params_with(data, tmp_path, epochs=1, objectives=objectives, baselines=["mmcl"], concurrent_runs=2)
+        path = write_params(tmp_path / "params.yaml", params.model_dump(mode="json"))
+        proc = subprocess.run([sys.executable, "-m", "flows.pretrain", "--params", str(path)], cwd=REPO,
+                              env=dict(os.environ, PREFECT_API_URL=prefect_api_url), capture_output=True, text=True,
+                              timeout=500)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr
+
+    first = flow(["mmcl"])
+    models = tmp_path / "models"
+    assert "trained mmcl:" in first and "trained mmcl (clean baseline):" in first
+    before = {name: (models / name / "model.pt").read_bytes() for name in ("mmcl", "clean-mmcl")}
+    shutil.rmtree(models)
+    second = flow(["mmcl", "siglip"])
+    for label in ("mmcl", "clean-mmcl"):  # the finished runs: nothing left to train
+        assert f"[{label}] resumed from checkpoint at step 6 " in second
+    assert "[siglip] resumed" not in second
+    assert {name: (models / name / "model.pt").read_bytes() for name in before} == before
+    assert [r["step"] for r in log_of(models / "siglip")] == list(range(1, 7))
+    assert [r["step"] for r in log_of(models / "mmcl")] == list(range(1, 7))
+
+
+def test_new_data_is_a_new_run(data, tmp_path):
+    root, _ = data
+    params = params_with(data, tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(root / "data" / "curated" / "train", other)
+    manifest = sorted(other.glob("*.parquet"))[0]
+    table = pq.read_table(manifest)
+    captions = table.column("caption").to_pylist()
+    pq.write_table(table.set_column(table.schema.get_field_index("caption"), "caption",
+                                    pa.array(["a new caption"] + captions[1:])), manifest)
+    changed = parse_params(params.model_dump(mode="json") | {
+        "pretrain": params.pretrain.model_dump(mode="json") | {"data_dir": str(other)}})
+    copy = parse_params(params.model_dump(mode="json") | {
+        "pretrain": params.pretrain.model_dump(mode="json") | {"data_dir": str(other), "lr": 2e-3}})
+    assert pretrain.plan_run(params, "mmcl")["run_id"] != pretrain.plan_run(changed, "mmcl")["run_id"]
+    assert pretrain.plan_run(changed, "mmcl")["run_id"] == pretrain.plan_run(copy, "mmcl")["run_id"]
