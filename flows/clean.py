@@ -9,6 +9,7 @@ import argparse
 
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
+from prefect.futures import wait
 
 from flows.common import make_task_runner, params_from_argv, prefect_api
 from tasks import clean
@@ -20,20 +21,30 @@ run = task(clean.clean_run, name="clean-run", retries=1, retry_delay_seconds=5,
 assemble = task(clean.assemble_sweep, name="assemble-sweep")
 
 
+class SweepRunsFailed(RuntimeError):
+    """Some sweep runs failed (after their retries); every other run finished and was kept."""
+
+
 @flow(name="clean")
 def clean_flow(params: Params, cells: list[tuple[str, str]]) -> list[dict]:
     for model, defence in cells:  # every cell is checked before any trains
         check(params, model, defence)
-    sweeps = []
+    sweeps, failed = [], []
     for model, defence in cells:
         futures = run.map(unmapped(params), unmapped(model), unmapped(defence), params.clean.lrs)
-        runs = [f.result() for f in futures]
+        wait(futures)  # a failed run does not stop the others: each finished run is kept on disk
+        runs = [f.result() for f in futures if f.state.is_completed()]
+        failed += [f"{model}/{defence} lr {lr:g}" for lr, f in zip(params.clean.lrs, futures) if not f.state.is_completed()]
         for r in runs:
             create_table_artifact(key=f"clean-{model}-{defence}-lr{r['lr']:.3g}".replace(".", "p").replace("_", "-").lower(),
                                   table=[{k: round(v, 4) if isinstance(v, float) else v for k, v in p.items()}
                                          for p in r["points"]],
                                   description=f"{model} cleaned with {defence} at lr {r['lr']:g}: per-epoch metrics")
-        sweeps.append(assemble(params, model, defence, runs))
+        if len(runs) == len(futures):
+            sweeps.append(assemble(params, model, defence, runs))
+    if failed:
+        raise SweepRunsFailed(f"{len(failed)} sweep run(s) failed: {', '.join(failed)}; the other runs finished and "
+                              f"are kept, so a rerun trains only these")
     return sweeps
 
 

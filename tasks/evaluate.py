@@ -72,7 +72,8 @@ def evaluate_checkpoint(params: Params, checkpoint: Path, model_name: str | None
 
 def flat(metrics: dict) -> dict:
     """The headline numbers of `tasks.metrics.evaluate`'s output."""
-    out = {"accuracy": metrics["zero_shot"]["top1"], "top5": metrics["zero_shot"]["top5"]}
+    out = {"accuracy": metrics["zero_shot"]["top1"], "top5": metrics["zero_shot"]["top5"],
+           "chance": metrics["zero_shot"]["chance"]}
     if "attack" in metrics:
         out |= {k: metrics["attack"][k] for k in ("asr", "asr_top5", "clean_target_rate", "asr_excess")}
     return out | metrics.get("retrieval", {})

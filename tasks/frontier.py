@@ -2,13 +2,13 @@
 
 From the per-epoch points of a cleaning sweep (every learning rate x every epoch): the best zero-shot
 accuracy among points with ASR <= 1/5/10/25%, and the lowest ASR among points whose accuracy stays
-within 1 and 2 points of the poisoned model's. Each chosen point carries its clean target rate, so a
+within 1, 2 and 3 points of the poisoned model's. Each chosen point carries its clean target rate, so a
 low ASR that is only a class bias is visible wherever ASR is reported.
 """
 from __future__ import annotations
 
 ASR_THRESHOLDS = (0.01, 0.05, 0.10, 0.25)
-ACCURACY_DROPS = (0.01, 0.02)
+ACCURACY_DROPS = (0.01, 0.02, 0.03)
 
 
 def _point(p: dict | None) -> dict | None:

@@ -88,7 +88,8 @@ def zero_shot_metrics(pred: dict, classnames: list[str]) -> dict:
     hit1 = top5[:, 0] == labels
     hit5 = (top5 == labels[:, None]).any(axis=1)
     per_class = {name: float(hit1[labels == c].mean()) for c, name in enumerate(classnames) if (labels == c).any()}
-    return {"top1": float(hit1.mean()), "top5": float(hit5.mean()), "per_class": per_class, "n": int(len(labels))}
+    return {"top1": float(hit1.mean()), "top5": float(hit5.mean()), "per_class": per_class, "n": int(len(labels)),
+            "chance": 1 / len(classnames)}
 
 
 def attack_metrics(asr_pred: dict, clean_pred: dict, target: int) -> dict:

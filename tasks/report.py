@@ -50,6 +50,37 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shape_checks(pretrained: dict, cells: dict) -> list[dict]:
+    """Does this run show the study's shape? The targets the default is sized for, checked from the numbers:
+    each poisoned model took up the backdoor (ASR >= 90%, >= 80 points above the clean target rate) and kept
+    its accuracy (>= 3x chance, within 3 points of the unpoisoned baseline); cleaning brings ASR <= 10%
+    within 3 points of accuracy. Whether MMCL+SSL resists cleaning is a finding, not a check."""
+    rows = []
+
+    def check(what, model, value, met):
+        rows.append({"check": what, "model": model, "value": value, "met": "yes" if met else "NO"})
+
+    for name, m in pretrained.items():
+        if name.startswith("clean-") or m.get("asr") is None:
+            continue
+        check("ASR >= 90%", name, pct(m["asr"]), m["asr"] >= 0.9)
+        check("ASR - clean target rate >= 80 pts", name, pct(m["asr_excess"]), m["asr_excess"] >= 0.8)
+        if "chance" in m:
+            check("accuracy >= 3x chance", name, f"{pct(m['accuracy'])} (chance {pct(m['chance'])})",
+                  m["accuracy"] >= 3 * m["chance"])
+        baseline = pretrained.get(f"clean-{name}") or pretrained.get("clean-mmcl")
+        if baseline:
+            gap = m["accuracy"] - baseline["accuracy"]
+            check("accuracy within 3 pts of the unpoisoned baseline", name, f"{100 * gap:+.1f} pts", abs(gap) <= 0.03)
+    for c in cells.values():
+        if c["pretrained"].startswith("clean-"):
+            continue
+        q = c["lowest_asr_within_accuracy_drop"].get("0.03")
+        check(f"{c['defence']}: ASR <= 10% within 3 pts of accuracy", c["pretrained"],
+              "-" if q is None else f"{pct(q['asr'])} at {pct(q['accuracy'])}", q is not None and q["asr"] <= 0.10)
+    return rows
+
+
 def verdict(pretrained: dict, cells: dict) -> str:
     """One paragraph from the numbers: does the defence remove the backdoor from each model, at what cost."""
     if not cells:
@@ -136,6 +167,11 @@ of the same non-target images predicted as the target without the trigger (a cla
 ## Verdict
 
 {verdict(pretrained, cells)}
+
+## Does this run show the study's shape?
+
+{markdown_table(shape_checks(pretrained, cells))}
+One run of one seed: `python benchmarks/pipeline.py --seeds 0 1 2` gives the spread over seeds.
 
 ## Pre-trained models
 

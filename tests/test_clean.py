@@ -122,3 +122,23 @@ def test_bad_input_is_rejected_before_training(setup, tmp_path):
     with pytest.raises(KeyError, match="known defences"):
         get_defence("nope")
     assert make_task_runner(RunnerConfig(kind="thread")) is not None
+
+
+def test_a_failed_run_does_not_lose_the_others(setup, tmp_path, prefect_api_url):
+    """A real fault in one run (its folder's path is taken by a file): the other runs finish and are kept,
+    the flow names the failed one, and a rerun trains only it."""
+    params = clean_params(setup, tmp_path, lrs=[1e-3, 2e-3, 3e-3], epochs=1, runner={"kind": "thread", "workers": 2})
+    blocked = clean.run_dir(params, "mmcl", "cleanclip", 2e-3)
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a folder")
+    flow = clean_flow.with_options(task_runner=make_task_runner(params.clean.runner))
+    with pytest.raises(Exception, match=r"1 sweep run\(s\) failed: mmcl/cleanclip lr 0.002; the other runs finished"):
+        flow(params, [("mmcl", "cleanclip")])
+    kept = {lr: clean.run_dir(params, "mmcl", "cleanclip", lr) / "epochs.json" for lr in (1e-3, 3e-3)}
+    stamps = {lr: marker.stat().st_mtime_ns for lr, marker in kept.items()}
+    assert not (blocked.parent / "sweep.json").exists()
+
+    blocked.unlink()
+    (sweep,) = flow(params, [("mmcl", "cleanclip")])
+    assert sweep["lrs"] == [1e-3, 2e-3, 3e-3] and len(sweep["points"]) == 3
+    assert {lr: marker.stat().st_mtime_ns for lr, marker in kept.items()} == stamps  # not trained again

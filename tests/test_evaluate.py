@@ -157,11 +157,29 @@ def test_report_renders_table_figures_and_verdict(tmp_path):
     assert cells["mmcl/cleanclip"]["baseline_accuracy"] == 0.51
     path = report.write_report(params, pretrained, sweeps, cells)
     text = path.read_text()
-    assert "| mmcl | cleanclip | 50.0 / 95.0 (2.0) | 51.0 | 42.0 | 48.5 | 48.5 | 49.0 | 20.0 | 4.0 |" in text
+    assert "| mmcl | cleanclip | 50.0 / 95.0 (2.0) | 51.0 | 42.0 | 48.5 | 48.5 | 49.0 | 20.0 | 4.0 | 4.0 |" in text
+    assert "| ASR >= 90% | mmcl | 95.0 | yes |" in text
+    assert "| cleanclip: ASR <= 10% within 3 pts of accuracy | mmcl | 4.0 at 48.5 | yes |" in text
     assert "removes the backdoor: ASR 4.0% (clean target rate 1.0%) at accuracy 48.5%" in text
     assert "CC6M | MMCL+SSL | 23.86 / 99.45 | 13.05" in text
     for fig in ("frontier-mmcl-cleanclip.png", "train-loss.png"):
         assert f"figures/{fig}" in text and (tmp_path / "reports" / "figures" / fig).stat().st_size > 1000
+
+
+def test_shape_checks_from_the_numbers():
+    pretrained = {"mmcl": {"accuracy": 0.60, "asr": 0.95, "asr_excess": 0.94, "chance": 1 / 11},
+                  "mmcl_ssl": {"accuracy": 0.20, "asr": 0.85, "asr_excess": 0.70, "chance": 1 / 11},
+                  "clean-mmcl": {"accuracy": 0.62, "asr": 0.01, "asr_excess": 0.0, "chance": 1 / 11}}
+    cells = {"mmcl/cleanclip": frontier(sweep_points(), POISONED) | {"pretrained": "mmcl", "defence": "cleanclip"}}
+    rows = {(r["check"], r["model"]): (r["value"], r["met"]) for r in report.shape_checks(pretrained, cells)}
+    assert rows[("ASR >= 90%", "mmcl")] == ("95.0", "yes") and rows[("ASR >= 90%", "mmcl_ssl")] == ("85.0", "NO")
+    assert rows[("ASR - clean target rate >= 80 pts", "mmcl_ssl")][1] == "NO"
+    assert rows[("accuracy >= 3x chance", "mmcl")] == ("60.0 (chance 9.1)", "yes")
+    assert rows[("accuracy >= 3x chance", "mmcl_ssl")][1] == "NO"
+    assert rows[("accuracy within 3 pts of the unpoisoned baseline", "mmcl")] == ("-2.0 pts", "yes")
+    assert rows[("accuracy within 3 pts of the unpoisoned baseline", "mmcl_ssl")] == ("-42.0 pts", "NO")
+    assert rows[("cleanclip: ASR <= 10% within 3 pts of accuracy", "mmcl")] == ("4.0 at 48.5", "yes")
+    assert not any(model == "clean-mmcl" for _, model in rows)
 
 
 def test_verdict_flags_a_backdoor_that_never_took_hold():

@@ -1,12 +1,16 @@
-"""The whole study through `python -m flows.pipeline` in a fresh git+DVC repo on tiny params:
-every stage runs through DVC, the report and metrics appear, and a second run finds all up to date."""
+"""The whole study through `python -m flows.pipeline` in fresh git+DVC repos on tiny params: every stage
+runs through DVC, the report and metrics appear, a second run finds all up to date, and a run killed in
+pretrain resumes to the same metrics."""
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tasks.config import load_params
 from tests.conftest import REPO, copy_project, tiny_params, write_params
@@ -27,33 +31,57 @@ def tiny_study(repo: Path) -> dict:
     params["curate"]["sources"][0] |= {"train_pairs": 160, "eval_per_class": 2}
     params["poison"] = {"count": 16, "trigger": {"patch_size": 0.25}, "cleaning": {"size": 32},
                         "runner": {"kind": "thread", "workers": 2}}
-    params["pretrain"] = {"objectives": ["mmcl"], "baselines": ["mmcl"], "model": "vit-tiny", "epochs": 1,
-                          "batch_size": 32, "warmup_steps": 1, "checkpoint_every": 100, "threads_per_worker": 1}
+    params["pretrain"] = {"objectives": ["mmcl"], "baselines": ["mmcl"], "model": "vit-tiny", "epochs": 3,
+                          "batch_size": 32, "warmup_steps": 1, "checkpoint_every": 2, "threads_per_worker": 1,
+                          "concurrent_runs": 2}
     params["clean"] = {"models": ["mmcl", "clean-mmcl"], "defences": ["cleanclip"], "lrs": [1e-3], "epochs": 1, "batch_size": 16,
-                       "runner": {"kind": "thread", "workers": 1}}
+                       "runner": {"kind": "thread", "workers": 1}, "threads_per_run": 1}
     params["evaluate"] = {}
     return params
 
 
-def test_pipeline_end_to_end_then_up_to_date(tmp_path, prefect_api_url):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    copy_project(repo)
+def new_repo(path: Path) -> Path:
+    path.mkdir()
+    copy_project(path)
     for name in ("models", "defences"):
-        subprocess.run(["cp", "-r", str(REPO / name), str(repo / name)], check=True)
-    write_params(repo / "params.yaml", tiny_study(repo))
-    env = dict(os.environ, PREFECT_API_URL=prefect_api_url,
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        subprocess.run(["cp", "-r", str(REPO / name), str(path / name)], check=True)
+    write_params(path / "params.yaml", tiny_study(path))
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=repo, env=env, check=True)
+        subprocess.run(cmd, cwd=path, check=True)
+    return path
 
-    def pipeline():
-        proc = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=repo, env=env, capture_output=True,
-                              text=True, timeout=1100)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        return proc.stdout
 
-    first = pipeline()
+def pipeline_cmd(repo: Path, env: dict, **popen):
+    return subprocess.Popen([sys.executable, "-m", "flows.pipeline"], cwd=repo, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def run_pipeline(repo: Path, env: dict) -> str:
+    proc = pipeline_cmd(repo, env)
+    out, _ = proc.communicate(timeout=1100)
+    assert proc.returncode == 0, out[-8000:]
+    return out
+
+
+def metrics_of(repo: Path) -> dict:
+    return {name: (repo / "data" / "metrics" / name).read_text() for name in ("pretrain.json", "frontier.json")}
+
+
+@pytest.fixture(scope="module")
+def env(prefect_api_url):
+    return dict(os.environ, PREFECT_API_URL=prefect_api_url,
+                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+    """The tiny study run once, uninterrupted: (repo, the pipeline's output)."""
+    repo = new_repo(tmp_path_factory.mktemp("reference") / "repo")
+    return repo, run_pipeline(repo, env)
+
+
+def test_pipeline_end_to_end_then_up_to_date(reference, env):
+    repo, first = reference
     assert stage_status(first) == dict.fromkeys(STAGES, "ran")
     assert "report: reports/report.md" in first and "| mmcl | cleanclip |" in first
     for path in ("reports/report.md", "data/metrics/frontier.json", "data/metrics/pretrain.json",
@@ -62,7 +90,29 @@ def test_pipeline_end_to_end_then_up_to_date(tmp_path, prefect_api_url):
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout
     assert "up to date" in status, status
 
-    assert stage_status(pipeline()) == dict.fromkeys(STAGES, "up to date")
+    assert stage_status(run_pipeline(repo, env)) == dict.fromkeys(STAGES, "up to date")
+
+
+def test_killed_in_pretrain_resumes_to_the_same_metrics(reference, tmp_path, env):
+    """SIGKILL to the whole pipeline (Prefect, DVC, Ray) once pretrain has a checkpoint; the rerun resumes
+    the runs from their checkpoints and ends with the uninterrupted run's metrics, byte for byte (CPU)."""
+    repo = new_repo(tmp_path / "repo")
+    proc = pipeline_cmd(repo, env, start_new_session=True)
+    storage = repo / "data" / "staging" / "pretrain"
+    deadline = time.time() + 600
+    while not list(storage.glob("*/checkpoint_*/state.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    steps = [torch.load(p, weights_only=True)["step"] for p in storage.glob("*/checkpoint_*/state.pt")]
+    assert steps and min(steps) < 15, "pretrain finished before the kill"
+    assert not (repo / "data" / "metrics" / "pretrain.json").exists()
+
+    rerun = run_pipeline(repo, env)
+    assert "resumed from checkpoint at step" in rerun
+    assert stage_status(rerun) == {"curate": "up to date", "poison": "up to date", "pretrain": "ran",
+                                   "clean": "ran", "evaluate": "ran"}
+    assert metrics_of(repo) == metrics_of(reference[0])
 
 
 def test_study_params_file_validates():
