@@ -90,6 +90,12 @@ def verdict(pretrained: dict, cells: dict) -> str:
     sentences = []
     for c in cells.values():
         p = c["poisoned"]
+        if c["pretrained"].startswith("clean-"):  # the unpoisoned control: what the trigger alone does
+            q = c["lowest_asr_within_accuracy_drop"]["0.03"]
+            floor = f"{pct(q['asr'])}% within 3 points of its accuracy" if q else "no point within 3 points of accuracy"
+            sentences.append(f"{c['defence']} on the unpoisoned {c['pretrained']} model (a control: ASR {pct(p['asr'])}% "
+                             f"from the trigger alone) gives {floor}: the floor this trigger sets for any model.")
+            continue
         head = (f"{c['defence']} on the {c['pretrained']} model (poisoned: accuracy {pct(p['accuracy'])}%, ASR "
                 f"{pct(p['asr'])}%, clean target rate {pct(p['clean_target_rate'])}%)")
         if p["asr"] - p["clean_target_rate"] < 0.5:
@@ -106,6 +112,16 @@ def verdict(pretrained: dict, cells: dict) -> str:
             low = min(c["lowest_asr_within_accuracy_drop"].values(), key=lambda q: q["asr"] if q else 2) or p
             sentences.append(f"{head} does not remove the backdoor at any swept point (lowest ASR within 2 points of "
                              f"accuracy: {pct(low['asr'])}%).")
+    by_defence: dict[str, list] = {}
+    for c in cells.values():
+        q = c["lowest_asr_within_accuracy_drop"]["0.03"]
+        if not c["pretrained"].startswith("clean-") and q is not None:
+            by_defence.setdefault(c["defence"], []).append((q["asr"], c["pretrained"]))
+    for defence, ranked in by_defence.items():
+        if len(ranked) > 1:
+            ranked.sort()
+            sentences.append(f"Within 3 points of accuracy, {defence} leaves ASR at " + ", ".join(
+                f"{pct(a)}% ({m})" for a, m in ranked) + f": the {ranked[-1][1]} model keeps the most of its backdoor.")
     return " ".join(sentences)
 
 

@@ -211,3 +211,14 @@ def test_dvc_metrics_and_plots_show(tmp_path):
         assert "data_plots_frontier_csv" in html and "data_plots_train_loss_csv" in html
     finally:
         os.chdir(REPO)
+
+
+def test_verdict_names_the_control_floor_and_ranks_the_models():
+    def cell(pretrained, asr_shift):
+        points = [p | {"asr": min(1.0, p["asr"] + asr_shift)} for p in sweep_points()]
+        return frontier(points, POISONED) | {"pretrained": pretrained, "defence": "cleanclip", "baseline_accuracy": 0.5}
+
+    text = report.verdict({}, {"mmcl/cleanclip": cell("mmcl", 0.0), "mmcl_ssl/cleanclip": cell("mmcl_ssl", 0.3),
+                               "clean-mmcl/cleanclip": cell("clean-mmcl", 0.02)})
+    assert "on the unpoisoned clean-mmcl model (a control: ASR 95.0% from the trigger alone) gives 6.0% within 3" in text
+    assert "leaves ASR at 4.0% (mmcl), 34.0% (mmcl_ssl): the mmcl_ssl model keeps the most of its backdoor" in text

@@ -115,6 +115,22 @@ def test_killed_in_pretrain_resumes_to_the_same_metrics(reference, tmp_path, env
     assert metrics_of(repo) == metrics_of(reference[0])
 
 
+def test_dvc_experiment_varies_one_param(reference, env):
+    """`dvc exp run -S` reruns only the stages that read the changed key; `dvc exp show` lists it."""
+    repo, _ = reference
+    git = env | {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "tiny study"]):
+        subprocess.run(cmd, cwd=repo, env=git, check=True)
+    proc = subprocess.run(["dvc", "exp", "run", "-n", "two-epochs", "-S", "clean.epochs=2"], cwd=repo, env=git,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    ran = set(re.findall(r"Running stage '([\w@-]+)'", proc.stdout))
+    assert ran == {"clean@mmcl-cleanclip", "clean@clean-mmcl-cleanclip", "evaluate"}, ran
+    shown = subprocess.run(["dvc", "exp", "show", "--csv"], cwd=repo, env=git, capture_output=True, text=True).stdout
+    rows = {line.split(",")[0]: line for line in shown.splitlines()}
+    assert "two-epochs" in rows and "clean.epochs" in shown.splitlines()[0]
+
+
 def test_study_params_file_validates():
     params = load_params(REPO / "params" / "cc3m.yaml")
     assert (params.pretrain.model, params.pretrain.batch_size, params.pretrain.epochs) == ("RN50", 2048, 64)
