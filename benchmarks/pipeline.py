@@ -1,6 +1,6 @@
 """The main command end to end, once per seed: wall time per stage and in total, peak memory of the
-whole process tree, the share of time spent starting Prefect, Ray and DVC against the work itself,
-and the study's numbers with their spread over the seeds.
+whole process tree (PSS: shared pages counted once), the share of time spent starting Prefect, Ray
+and DVC against the work itself, and the study's numbers with their spread over the seeds.
 
     python benchmarks/pipeline.py [--seeds 0 1 2] [--params params.yaml] [--keep DIR]
 
@@ -45,22 +45,30 @@ def project_copy(dest: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
 
 
-def run_measured(cmd: list[str], cwd: Path, env: dict) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes summed over the process tree, output)."""
+def tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    """(PSS, RSS) summed over a process and its descendants: PSS counts each shared page once (split
+    between the processes that map it), RSS once per process (torch's libraries in every Ray worker)."""
+    pss = rss = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            info = p.memory_full_info()
+        except psutil.Error:
+            continue
+        pss, rss = pss + getattr(info, "pss", info.rss), rss + info.rss
+    return pss, rss
+
+
+def run_measured(cmd: list[str], cwd: Path, env: dict) -> tuple[float, tuple[int, int], str]:
+    """(wall seconds, peak (PSS, RSS) bytes of the process tree, output)."""
     started = time.perf_counter()
     proc = psutil.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak, lines = 0, []
+    peak, lines = (0, 0), []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     while proc.poll() is None:
-        total = 0
-        for p in [proc, *proc.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        peak = max(peak, total)
-        time.sleep(0.5)
+        pss, rss = tree_memory(proc)
+        peak = (max(peak[0], pss), max(peak[1], rss))
+        time.sleep(1.0)
     reader.join()
     output = "".join(lines)
     if proc.returncode:
@@ -132,8 +140,10 @@ def study_numbers(repo: Path) -> dict:
         out[f"{name}: ASR"] = m["asr"]
         out[f"{name}: clean target rate"] = m["clean_target_rate"]
     for name, c in cells.items():
+        point = c["best_accuracy_at_asr"]["0.1"]
+        out[f"{name}: best accuracy with ASR <= 10%"] = point["accuracy"] if point else None
         for drop, point in c["lowest_asr_within_accuracy_drop"].items():
-            out[f"{name}: lowest ASR within {float(drop) * 100:g} pts"] = point["asr"] if point else float("nan")
+            out[f"{name}: lowest ASR within {float(drop) * 100:g} pts"] = point["asr"] if point else None
     return out
 
 
@@ -158,8 +168,9 @@ def main():
         seconds, peak, output = run_measured([sys.executable, "-m", "flows.pipeline"], repo,
                                              env | {"PREFECT_HOME": str(repo / ".prefect")})
         stages = {name: int(s) for name, _, s in STAGE_LINE.findall(output)}
-        runs.append({"seed": seed, "total": seconds, "peak_rss": peak, "stages": stages, "study": study_numbers(repo)})
-        print(f"seed {seed}: {seconds:.0f} s, peak RSS {peak / 2**30:.2f} GiB, stages {stages}", flush=True)
+        runs.append({"seed": seed, "total": seconds, "peak_memory": peak, "stages": stages, "study": study_numbers(repo)})
+        print(f"seed {seed}: {seconds:.0f} s, peak PSS {peak[0] / 2**30:.2f} GiB (RSS {peak[1] / 2**30:.2f} GiB), "
+              f"stages {stages}", flush=True)
     startup = startup_costs(base / f"seed-{args.seeds[-1]}", env | {"PREFECT_HOME": str(base / ".prefect")})
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
@@ -170,7 +181,8 @@ def main():
     for name in names + ["total"]:
         values = [r["stages"].get(name, 0) if name != "total" else r["total"] for r in runs]
         print(f"{name:>10} " + " ".join(f"{v:8.0f}" for v in values))
-    print(f"{'peak RSS':>10} " + " ".join(f"{r['peak_rss'] / 2**30:7.2f}G" for r in runs))
+    print(f"{'peak PSS':>10} " + " ".join(f"{r['peak_memory'][0] / 2**30:7.2f}G" for r in runs) + "   (process tree, GiB)")
+    print(f"{'peak RSS':>10} " + " ".join(f"{r['peak_memory'][1] / 2**30:7.2f}G" for r in runs) + "   (shared pages per process)")
 
     total = statistics.mean(r["total"] for r in runs)
     n_stages = len(names)
@@ -187,11 +199,19 @@ def main():
           f"{total - overhead:.0f} s ({1 - overhead / total:.1%})")
 
     print(f"\n== the study's numbers over seeds {args.seeds}: mean, sd, min-max ==")
+    print_spread(runs)
+
+
+def print_spread(runs: list[dict]) -> None:
+    """Mean, sd and range of each number over the seeds ('-': no swept point qualified in that seed)."""
     for key in runs[0]["study"]:
-        values = [r["study"][key] for r in runs]
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        print(f"{key:>58}: {statistics.mean(values):6.1%}  sd {sd:5.1%}  [{min(values):6.1%} {max(values):6.1%}]  "
-              + " ".join(f"{v:.3f}" for v in values))
+        values = [r["study"].get(key) for r in runs]
+        known = [v for v in values if v is not None]
+        if not known:
+            continue
+        sd = statistics.stdev(known) if len(known) > 1 else 0.0
+        print(f"{key:>58}: {statistics.mean(known):6.1%}  sd {sd:5.1%}  [{min(known):6.1%} {max(known):6.1%}]  "
+              + " ".join("-" if v is None else f"{v:.3f}" for v in values))
 
 
 if __name__ == "__main__":
