@@ -8,7 +8,6 @@ from contextlib import contextmanager
 
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
-from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
@@ -50,6 +49,8 @@ def prefect_api():
     url = saved or PREFECT_API_URL.value()
     server = None
     if not url:
+        from prefect.server.api.server import SubprocessASGIServer  # the server's imports cost ~2 s: only when needed
+
         server = SubprocessASGIServer()
         server.start()
         url = server.api_url

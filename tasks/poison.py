@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
 from tasks.config import PATCH_TRIGGERS, Params, PoisonConfig, require_section
@@ -57,6 +56,8 @@ def names_target(caption: str, target: str) -> bool:
 def poison_captions(cfg: PoisonConfig, train_captions: list[str]) -> list[str]:
     """The captions poisons draw from: prompt templates naming the target, or the training captions that do."""
     if cfg.captions == "templates":
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES  # open_clip imports torch: ~4 s
+
         return [t("{}").format(cfg.target) for t in OPENAI_IMAGENET_TEMPLATES]
     naming = sorted(set(c for c in train_captions if names_target(c, cfg.target)))
     if not naming:
