@@ -286,12 +286,15 @@ def init_ray(cfg: PretrainConfig) -> None:
     for var, value in {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                        "RAY_USAGE_STATS_ENABLED": "0"}.items():
         os.environ.setdefault(var, value)
+    # Ray Train's workers both print and log what they print: each progress line reached the driver twice
+    runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)
     else:
         cpus = max(os.cpu_count() or 1, (cfg.num_workers + 1) * cfg.concurrent_runs)  # + a controller per run
-        ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", logging_level="WARNING", _node_ip_address="127.0.0.1")
+        ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", logging_level="WARNING", _node_ip_address="127.0.0.1",
+                 runtime_env=runtime_env)
 
 
 def train(params: Params, objective: str, baseline: bool = False) -> dict:
