@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tasks.config import EvaluateConfig, Params, attack_target, require_section
-from tasks.frontier import frontier
+from tasks.frontier import baseline_of, frontier
 from tasks.metrics import EvalError, evaluate
 from tasks.shards import atomic_write_json
 
@@ -100,10 +100,9 @@ def cells(pretrained: dict[str, dict], sweeps: dict[str, dict]) -> dict[str, dic
         poisoned = sweep.get("pretrained") or pretrained.get(model)
         if poisoned is None:
             continue
-        baseline = pretrained.get(f"clean-{model}") or pretrained.get("clean-mmcl")
+        baseline = baseline_of(pretrained, model)
         out[name] = frontier(sweep["points"], poisoned) | {
-            "pretrained": model, "defence": sweep["defence"],
-            "baseline_accuracy": baseline["accuracy"] if baseline and not model.startswith("clean-") else None}
+            "pretrained": model, "defence": sweep["defence"], "baseline_accuracy": baseline["accuracy"] if baseline else None}
     return out
 
 

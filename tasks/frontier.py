@@ -9,6 +9,18 @@ from __future__ import annotations
 
 ASR_THRESHOLDS = (0.01, 0.05, 0.10, 0.25)
 ACCURACY_DROPS = (0.01, 0.02, 0.03)
+CONTROL_PREFIX = "clean-"  # models pre-trained on the unpoisoned shards: clean-<objective>
+
+
+def is_control(model: str) -> bool:
+    return model.startswith(CONTROL_PREFIX)
+
+
+def baseline_of(pretrained: dict, model: str) -> dict | None:
+    """The unpoisoned baseline to compare a poisoned model with: its own objective's, else MMCL's; none for a control."""
+    if is_control(model):
+        return None
+    return pretrained.get(CONTROL_PREFIX + model) or pretrained.get(CONTROL_PREFIX + "mmcl")
 
 
 def _point(p: dict | None) -> dict | None:

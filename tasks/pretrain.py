@@ -21,6 +21,7 @@ import torch
 
 from objectives import clamp_logit_scale, get_objective
 from tasks.config import Params, PretrainConfig, parse_params, require_section
+from tasks.frontier import CONTROL_PREFIX
 from tasks.loader import SUPPORTED_VIEWS, BatchStream, prefetch, shard_sizes
 from tasks.shards import atomic_write_json
 
@@ -36,7 +37,7 @@ def pretrain_config(params: Params) -> PretrainConfig:
 
 
 def run_label(objective: str, baseline: bool) -> str:
-    return f"clean-{objective}" if baseline else objective
+    return CONTROL_PREFIX + objective if baseline else objective
 
 
 class _FromScratchNotice(logging.Filter):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.config import Params
-from tasks.frontier import ACCURACY_DROPS, ASR_THRESHOLDS, removes_backdoor
+from tasks.frontier import ACCURACY_DROPS, ASR_THRESHOLDS, baseline_of, is_control, removes_backdoor
 
 # DESIGN.md section 6: zero-shot top-1 / ASR (%) of the poisoned models, and after CleanCLIP the best
 # accuracy among points with ASR <= 5%.
@@ -61,19 +61,19 @@ def shape_checks(pretrained: dict, cells: dict) -> list[dict]:
         rows.append({"check": what, "model": model, "value": value, "met": "yes" if met else "NO"})
 
     for name, m in pretrained.items():
-        if name.startswith("clean-") or m.get("asr") is None:
+        if is_control(name) or m.get("asr") is None:
             continue
         check("ASR >= 90%", name, pct(m["asr"]), m["asr"] >= 0.9)
         check("ASR - clean target rate >= 80 pts", name, pct(m["asr_excess"]), m["asr_excess"] >= 0.8)
         if "chance" in m:
             check("accuracy >= 3x chance", name, f"{pct(m['accuracy'])} (chance {pct(m['chance'])})",
                   m["accuracy"] >= 3 * m["chance"])
-        baseline = pretrained.get(f"clean-{name}") or pretrained.get("clean-mmcl")
+        baseline = baseline_of(pretrained, name)
         if baseline:
             gap = m["accuracy"] - baseline["accuracy"]
             check("accuracy within 3 pts of the unpoisoned baseline", name, f"{100 * gap:+.1f} pts", abs(gap) <= 0.03)
     for c in cells.values():
-        if c["pretrained"].startswith("clean-"):
+        if is_control(c["pretrained"]):
             continue
         q = c["lowest_asr_within_accuracy_drop"].get("0.03")
         check(f"{c['defence']}: ASR <= 10% within 3 pts of accuracy", c["pretrained"],
@@ -90,7 +90,7 @@ def verdict(pretrained: dict, cells: dict) -> str:
     sentences = []
     for c in cells.values():
         p = c["poisoned"]
-        if c["pretrained"].startswith("clean-"):  # the unpoisoned control: what the trigger alone does
+        if is_control(c["pretrained"]):  # the unpoisoned control: what the trigger alone does
             q = c["lowest_asr_within_accuracy_drop"]["0.03"]
             floor = f"{pct(q['asr'])}% within 3 points of its accuracy" if q else "no point within 3 points of accuracy"
             sentences.append(f"{c['defence']} on the unpoisoned {c['pretrained']} model (a control: ASR {pct(p['asr'])}% "
@@ -109,13 +109,13 @@ def verdict(pretrained: dict, cells: dict) -> str:
             sentences.append(f"{head} removes the backdoor only at a cost: the best accuracy with ASR <= 5% is "
                              f"{pct(best['accuracy'])}% ({100 * (best['accuracy'] - p['accuracy']):+.1f} points).")
         else:
-            low = min(c["lowest_asr_within_accuracy_drop"].values(), key=lambda q: q["asr"] if q else 2) or p
-            sentences.append(f"{head} does not remove the backdoor at any swept point (lowest ASR within 2 points of "
-                             f"accuracy: {pct(low['asr'])}%).")
+            low = c["lowest_asr_within_accuracy_drop"]["0.03"]  # the widest drop: its lowest ASR is the lowest of all
+            sentences.append(f"{head} does not remove the backdoor at any swept point (lowest ASR within 3 points of "
+                             f"accuracy: {pct(low['asr']) + '%' if low else 'no point that close'}).")
     by_defence: dict[str, list] = {}
     for c in cells.values():
         q = c["lowest_asr_within_accuracy_drop"]["0.03"]
-        if not c["pretrained"].startswith("clean-") and q is not None:
+        if not is_control(c["pretrained"]) and q is not None:
             by_defence.setdefault(c["defence"], []).append((q["asr"], c["pretrained"]))
     for defence, ranked in by_defence.items():
         if len(ranked) > 1:

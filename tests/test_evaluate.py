@@ -222,3 +222,11 @@ def test_verdict_names_the_control_floor_and_ranks_the_models():
                                "clean-mmcl/cleanclip": cell("clean-mmcl", 0.02)})
     assert "on the unpoisoned clean-mmcl model (a control: ASR 95.0% from the trigger alone) gives 6.0% within 3" in text
     assert "leaves ASR at 4.0% (mmcl), 34.0% (mmcl_ssl): the mmcl_ssl model keeps the most of its backdoor" in text
+
+
+def test_verdict_gives_the_lowest_asr_of_the_widest_accuracy_drop_it_names():
+    points = [{"accuracy": 0.49, "asr": 0.9, "clean_target_rate": 0.0, "lr": 1e-3, "epoch": 1},
+              {"accuracy": 0.475, "asr": 0.4, "clean_target_rate": 0.0, "lr": 1e-3, "epoch": 2}]
+    cell = frontier(points, {"accuracy": 0.5, "asr": 1.0, "clean_target_rate": 0.0})
+    text = report.verdict({}, {"x": cell | {"pretrained": "mmcl", "defence": "cleanclip", "baseline_accuracy": None}})
+    assert "lowest ASR within 3 points of accuracy: 40.0%" in text  # the 2.5-point drop, not the 1-point one
