@@ -11,7 +11,7 @@ from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
 
-from flows.common import make_task_runner, params_from_argv, prefect_api
+from flows.common import input_errors, make_task_runner, params_from_argv, prefect_api
 from tasks import clean
 from tasks.config import Params
 
@@ -60,7 +60,7 @@ if __name__ == "__main__":
     args, rest = extra.parse_known_args()
     params = params_from_argv(__doc__, rest)
     cells = cells_from(params, args.model, args.defence)
-    with prefect_api():
+    with input_errors(), prefect_api():
         sweeps = clean_flow.with_options(task_runner=make_task_runner(params.clean.runner))(params, cells)
     for s in sweeps:
         p, b = s["pretrained"], s["best"]

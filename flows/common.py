@@ -11,7 +11,7 @@ from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from tasks.config import ConfigError, Params, RunnerConfig, load_params
+from tasks.config import ConfigError, InputError, Params, RunnerConfig, load_params
 
 
 def params_from_argv(description: str, argv: list[str] | None = None) -> Params:
@@ -24,6 +24,16 @@ def params_from_argv(description: str, argv: list[str] | None = None) -> Params:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+@contextmanager
+def input_errors():
+    """A stage command's bad input (InputError) ends it with one line on stderr and exit 1."""
+    try:
+        yield
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def make_task_runner(cfg: RunnerConfig):

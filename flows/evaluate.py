@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import params_from_argv, prefect_api
+from flows.common import input_errors, params_from_argv, prefect_api
 from tasks import evaluate, report
 from tasks.config import Params
 
@@ -42,7 +42,10 @@ if __name__ == "__main__":
     extra.add_argument("--model", help="its open_clip model name (default: model_config.json beside it)")
     args, rest = extra.parse_known_args()
     params = params_from_argv(__doc__, rest)
-    with prefect_api():
+    with input_errors():
+        if args.checkpoint:  # an unreadable file fails here in one line, before Prefect starts
+            evaluate.read_state_dict(args.checkpoint)
+    with input_errors(), prefect_api():
         if args.checkpoint:
             print(json.dumps(checkpoint_flow(params, args.checkpoint, args.model), indent=2))
         else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 
-from flows.common import make_task_runner, params_from_argv, prefect_api
+from flows.common import input_errors, make_task_runner, params_from_argv, prefect_api
 from tasks import poison
 from tasks.config import Params
 from tasks.validation import raise_on_failure
@@ -47,7 +47,7 @@ def run(params: Params) -> dict:
 
 if __name__ == "__main__":
     params = params_from_argv(__doc__)
-    with prefect_api():
+    with input_errors(), prefect_api():
         stats = run(params)
     print(f"poisoned {stats['poisons']} of {stats['train']} training pairs with {stats['trigger']['name']} -> "
           f"target {stats['target']!r}; ASR set {stats['eval_asr']}, cleaning subset {stats['cleaning']} -> {stats['out_dir']}")

@@ -15,7 +15,7 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import params_from_argv, prefect_api
+from flows.common import input_errors, params_from_argv, prefect_api
 from tasks import pretrain
 from tasks.config import Params
 
@@ -50,7 +50,7 @@ if __name__ == "__main__":
     params = params_from_argv(__doc__, rest)
     runs = runs_from(params, args.objective, args.baseline)
     concurrent = ThreadPoolTaskRunner(max_workers=params.pretrain.concurrent_runs)
-    with prefect_api():
+    with input_errors(), prefect_api():
         for metrics in pretrain_flow.with_options(task_runner=concurrent)(params, runs):
             print(f"trained {metrics['objective']}{' (clean baseline)' if metrics['baseline'] else ''}: "
                   f"{metrics['steps']} steps, loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}, "

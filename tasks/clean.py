@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from defences import get_defence
-from tasks.config import CleanConfig, Params, attack_target, require_section
+from tasks.config import CleanConfig, InputError, Params, attack_target, require_section
 from tasks.evaluate import flat, load_model
 from tasks.loader import BatchStream, prefetch, shard_sizes
 from tasks.metrics import EvalError, evaluate
@@ -25,7 +25,7 @@ from tasks.pretrain import DualEncoder, build_model, is_vit, lr_factor, make_opt
 from tasks.shards import atomic_write_json
 
 
-class CleanError(ValueError):
+class CleanError(InputError):
     """A sweep that cannot start; names the parameter or file. Raised before training."""
 
 

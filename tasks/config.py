@@ -6,16 +6,22 @@ with the dotted key and what was expected, before any stage does work.
 """
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SOURCE_NAME = r"^[a-z][a-z0-9]{0,15}$"  # becomes the key prefix: no dots, underscores or slashes
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad input (params, data, a checkpoint) that the message names with what was expected; the
+    stage commands print it as one line instead of a traceback."""
+
+
+class ConfigError(InputError):
     """A params file that does not validate; the message names every bad key."""
 
 
@@ -54,6 +60,18 @@ class CsvSource(Strict):
     sep: Annotated[str, Field(min_length=1, max_length=1)] = ","
     image_column: str = "image"
     caption_column: str = "caption"
+    # Python codec name; utf-8-sig reads UTF-8 with or without a byte-order mark (Excel writes one).
+    encoding: str = "utf-8-sig"
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {value!r} (a Python codec name: utf-8-sig, cp1252, latin-1, "
+                             f"utf-16, ...)") from None
+        return value
 
 
 class WebdatasetSource(Strict):
@@ -70,6 +88,9 @@ class ImageFolderSource(Strict):
     kind: Literal["image_folder"]
     name: Annotated[str, Field(pattern=SOURCE_NAME)]
     root: Path
+    # Folder -> class name file (JSON object, or CSV/TSV rows of folder,name); without it, ImageNet
+    # synset folders (n07753592) get open_clip's ImageNet names and other folders their own name.
+    classnames: Path | None = None
 
 
 Source = Annotated[
@@ -98,9 +119,11 @@ class RunnerConfig(Strict):
 
 
 class ValidationConfig(Strict):
-    # Share of rows whose sha256 must be unique within a split; 1.0 is strict. Web data
-    # holds the same image under different captions (kept by the image+caption dedup).
-    sha256_unique_mostly: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # Least share of rows whose image no other row of the folder holds (stats.json reports the
+    # complement as repeated_images). 0 checks nothing: web data and caption sets such as COCO hold
+    # the same image under several captions, which curate keeps (it de-duplicates image+caption);
+    # raise it to stop on placeholder images that a downloader saved for many dead links.
+    sha256_unique_mostly: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 
 class CurateConfig(Strict):

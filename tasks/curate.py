@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.parquet as pq
 
-from tasks.config import Params
+from tasks.config import InputError, Params
 from tasks.images import Rejected, clean_caption, decode_image, encode_image, resize
 from tasks.shards import (
-    ShardSink, atomic_write_json, link_or_copy, read_manifest, rewrite_shard, swap_into_place, write_table,
+    MANIFEST_SCHEMA, ShardSink, atomic_write_json, link_or_copy, read_manifest, rewrite_shard, swap_into_place, write_table,
 )
 from tasks.sources import Partition, eval_metadata, plan, read_partition
 
@@ -33,10 +35,24 @@ QUARANTINE_SCHEMA = pa.schema([
 ])
 
 
+# Curate settings that do not change what a partition computes: a rerun after changing them reuses
+# finished partitions.
+_NOT_COMPUTED = {"out_dir", "staging_dir", "runner", "validation"}
+
+
+class CurateError(InputError):
+    """The curated data cannot be used (an output folder or an eval class with no sample); names them."""
+
+
 def fingerprint(params: Params) -> str:
-    """Identifies the staging area: any change of seed or curate params starts afresh."""
-    blob = json.dumps({"seed": params.seed, "curate": params.curate.model_dump(mode="json")}, sort_keys=True)
+    """Identifies the staging area: a change of seed or of a curate setting that changes the
+    computed samples starts afresh (paths, runner and validation settings do not)."""
+    blob = json.dumps({"seed": params.seed, "curate": params.curate.model_dump(mode="json", exclude=_NOT_COMPUTED)},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_STAGING_NAME = re.compile(r"^[0-9a-f]{16}$")  # a fingerprint
 
 
 def staging_dir(params: Params) -> Path:
@@ -162,8 +178,41 @@ def finalize(params: Params, results: list[dict]) -> Path:
     )
     partial.mkdir(parents=True, exist_ok=True)
     write_table(partial / "quarantine.parquet", quarantine)
-    atomic_write_json(partial / "stats.json", _stats(results, quarantine, sizes))
+    tables = manifests(partial)
+    atomic_write_json(partial / "stats.json", _stats(results, quarantine, sizes) | {
+        "repeated_images": {group: _repeated_share(t) for group, t in tables.items()}})
+    _check_coverage(partial, results, quarantine, tables)
     return partial
+
+
+def _repeated_share(manifest: pa.Table) -> float:
+    """Share of samples whose image another sample holds too, under another caption (the rows that
+    `curate.validation.sha256_unique_mostly` counts against)."""
+    counts = pa.compute.value_counts(manifest.column("sha256")).field("counts").to_numpy()
+    return round(float(counts[counts > 1].sum() / manifest.num_rows), 6) if manifest.num_rows else 0.0
+
+
+def _check_coverage(partial: Path, results: list[dict], quarantine: pa.Table, tables: dict) -> None:
+    """CurateError unless every output folder holds samples and every eval class an image."""
+    for group in sorted({_output_group(r) for r in results}):
+        if tables.get(group, MANIFEST_SCHEMA.empty_table()).num_rows:
+            continue
+        mine = [r for r in results if _output_group(r) == group]
+        seen = sum(r["seen"] for r in mine)
+        reasons = Counter(row["reason"] for row in quarantine.to_pylist()
+                          if row["source"] in {r["source"] for r in mine} and row["split"] == mine[0]["split"])
+        raise CurateError(f"curate wrote no {group} sample: all {seen} sample(s) of source(s) "
+                          f"{sorted({r['source'] for r in mine})} were quarantined "
+                          f"({', '.join(f'{k}={v}' for k, v in sorted(reasons.items())) or 'none read'}); "
+                          f"see {partial / 'quarantine.parquet'}")
+    for group, table in tables.items():
+        if group.startswith("eval/"):
+            names = json.loads((partial / group / "classes.json").read_text())["classnames"]
+            empty = sorted(set(range(len(names))) - set(table.column("cls").to_pylist()))
+            if empty:
+                raise CurateError(f"eval set {group}: class(es) {[names[c] for c in empty]} have no curated image "
+                                  f"(all quarantined: see {partial / 'quarantine.parquet'}); an empty class still "
+                                  f"counts in chance level and in the ASR set")
 
 
 def _stats(results: list[dict], quarantine: pa.Table, sizes: dict) -> dict:
@@ -194,9 +243,13 @@ def manifests(partial: Path) -> dict[str, "pa.Table"]:
 
 
 def publish(params: Params, partial: Path) -> Path:
-    """Swap the validated `<out>.partial` into place and drop the staging area."""
+    """Swap the validated `<out>.partial` into place and drop the staging areas: this run's and
+    those that failed runs with other settings left behind."""
     out = swap_into_place(partial, params.curate.out_dir)
-    shutil.rmtree(staging_dir(params), ignore_errors=True)
+    root = params.curate.staging_dir
+    for stale in root.iterdir() if root.is_dir() else ():
+        if _STAGING_NAME.match(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
     return out
 
 
@@ -206,8 +259,6 @@ def validate_curated(params: Params, partial: Path) -> list[dict]:
 
     cfg = params.curate
     tables = manifests(partial)
-    if not tables:
-        raise RuntimeError(f"curate wrote no samples: all were quarantined (see {partial / 'quarantine.parquet'})")
     common = dict(image_size=cfg.image_size, caption_min_chars=cfg.caption.min_chars,
                   caption_max_chars=cfg.caption.max_chars, sha256_unique_mostly=cfg.validation.sha256_unique_mostly)
     reports = []

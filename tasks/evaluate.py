@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -22,13 +24,61 @@ def target_of(params: Params) -> str:
     return attack_target(params, "evaluate", EvalError)
 
 
-def _state_dict(path: Path) -> dict:
-    state = torch.load(path, weights_only=True, map_location="cpu")
-    if isinstance(state, dict) and "state_dict" in state:  # an open_clip_train checkpoint
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile, in either order
+_EXPORT_HINT = "export a state_dict: torch.save(model.state_dict(), 'model.pt')"
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.endswith("/constants.pkl") or "/code/" in name for name in z.namelist())
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """One line saying what a file that torch.load(weights_only=True) refused is."""
+    pickled = _UNSUPPORTED_GLOBAL.search(str(err))
+    if pickled:
+        return (f"{path} holds a pickled {pickled.group(1)} object, not a state_dict; objects are never unpickled "
+                f"from files (that runs code); {_EXPORT_HINT}")
+    return f"{path} is not a readable torch checkpoint (truncated or not a checkpoint?): {str(err).splitlines()[0][:200]}"
+
+
+def read_state_dict(path: Path) -> dict:
+    """Parameter tensors of a checkpoint file: a plain state_dict (ours, torch.save'd, or
+    `.safetensors`), an open_clip_train checkpoint (`state_dict`) or one of our training
+    checkpoints (`model`); DDP's `module.` and torch.compile's `_orig_mod.` prefixes removed.
+    Raises EvalError in one line naming the file and what it holds instead (TorchScript, a pickled
+    model object, a damaged file)."""
+    if not path.is_file():
+        raise EvalError(f"checkpoint not found: {path}")
+    if _is_torchscript(path):
+        raise EvalError(f"{path} is a TorchScript archive (torch.jit.save), not a state_dict; load it with "
+                        f"torch.jit.load and {_EXPORT_HINT}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # torch and safetensors raise many types for files they cannot read
+        raise EvalError(_unreadable(path, err)) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # an open_clip_train checkpoint
         state = state["state_dict"]
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):  # one of our checkpoints
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # one of our checkpoints
         state = state["model"]
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        kind = type(state).__name__ if not isinstance(state, dict) else f"dict with keys {sorted(state)[:8]}"
+        raise EvalError(f"{path} holds a {kind}, not a state_dict of tensors; {_EXPORT_HINT}")
+    return {_unwrapped(k): v for k, v in state.items()}
+
+
+def _unwrapped(key: str) -> str:
+    while key.startswith(_WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
 
 
 def load_model(checkpoint: Path, model_name: str | None = None, objective: str = "mmcl"):
@@ -36,8 +86,7 @@ def load_model(checkpoint: Path, model_name: str | None = None, objective: str =
     model_config.json beside it (our exports) or from `model_name`."""
     from tasks.pretrain import build_model
 
-    if not checkpoint.is_file():
-        raise EvalError(f"checkpoint not found: {checkpoint}")
+    state = read_state_dict(checkpoint)
     config = checkpoint.parent / "model_config.json"
     if model_name is None:
         if not config.is_file():
@@ -45,7 +94,6 @@ def load_model(checkpoint: Path, model_name: str | None = None, objective: str =
         meta = json.loads(config.read_text())
         model_name, objective = meta["model"], meta.get("objective", objective)
     model, preprocess, tokenizer = build_model(model_name, objective)
-    state = _state_dict(checkpoint)
     missing, unexpected = [], []
     try:
         result = model.load_state_dict(state, strict=False)

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 ENCODE_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+ORIENTATION = 0x0112  # the EXIF tag; 1 is upright
 
 
 class Rejected(Exception):
@@ -22,7 +23,8 @@ class Rejected(Exception):
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode bytes to a fully loaded RGB image, or raise Rejected."""
+    """Decode bytes to a fully loaded RGB image, upright (EXIF orientation applied, as a viewer
+    shows it: Pillow's `ImageOps.exif_transpose`), or raise Rejected."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -30,6 +32,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                 if im.width * im.height > max_pixels:
                     raise Rejected("decompression_bomb", f"{im.width}x{im.height} > {max_pixels} pixels")
                 im.load()
+                if im.getexif().get(ORIENTATION, 1) != 1:
+                    im = ImageOps.exif_transpose(im)
                 return to_rgb(im)
         except Rejected:
             raise

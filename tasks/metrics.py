@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
+from tasks.config import InputError
 from tasks.loader import shard_sizes
 from tasks.shards import decode_sample_image
 
 
-class EvalError(ValueError):
+class EvalError(InputError):
     """An eval set or model that cannot be evaluated; names the file or parameter."""
 
 

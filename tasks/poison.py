@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from tasks.config import PATCH_TRIGGERS, Params, PoisonConfig, require_section
+from tasks.config import PATCH_TRIGGERS, InputError, Params, PoisonConfig, require_section
 from tasks.images import encode_image
 from tasks.shards import (
     ShardSink, atomic_write_json, decode_sample_image, image_ext, iter_tar_samples, link_or_copy, read_manifest,
@@ -41,7 +41,7 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 
-class PoisonError(ValueError):
+class PoisonError(InputError):
     """Params that do not fit the curated data; names the parameter. Raised before any write."""
 
 

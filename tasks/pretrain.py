@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from objectives import clamp_logit_scale, get_objective
-from tasks.config import Params, PretrainConfig, parse_params, require_section
+from tasks.config import InputError, Params, PretrainConfig, parse_params, require_section
 from tasks.frontier import CONTROL_PREFIX
 from tasks.loader import SUPPORTED_VIEWS, BatchStream, prefetch, shard_sizes
 from tasks.shards import atomic_write_json
@@ -28,7 +28,7 @@ from tasks.shards import atomic_write_json
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 
-class PretrainError(ValueError):
+class PretrainError(InputError):
     """A run that cannot start: names the parameter or file. Raised before training."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import posixpath
 import shutil
 import tarfile
 from pathlib import Path
@@ -102,29 +103,52 @@ class TruncatedTar(Exception):
         self.key = key
 
 
-def iter_tar_samples(path) -> Iterator[dict]:
-    """Stream a webdataset tar as {"__key__": key, ext: bytes, ...}, one dict per sample.
+# Members that tools leave in archives and folders (macOS resource forks and metadata, Windows
+# thumbnails, Synology indexes): never samples or classes.
+LEFT_BEHIND = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir"})
 
-    Consecutive members sharing a key form a sample; directories and img2dataset's `_*`
-    files are skipped. A truncated or corrupt tar raises TruncatedTar after the samples
-    that were complete.
+
+def left_behind(name: str) -> bool:
+    """Whether a file or folder name is a hidden file or one a tool left behind (`.DS_Store`, `._x.jpg`, ...)."""
+    return name.startswith(".") or name in LEFT_BEHIND
+
+
+def member_key(path: str) -> tuple[str, str]:
+    """(key, extension) of a tar member path by webdataset's rule: the key is the path up to the
+    first dot of the file name (`cc3m.v1/000001.jpg` -> `cc3m.v1/000001`, `jpg`); a leading `./` is
+    not part of it."""
+    folder, _, name = posixpath.normpath(path).lstrip("/").rpartition("/")
+    stem, _, ext = name.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def iter_tar_samples(path) -> Iterator[dict]:
+    """Read a webdataset tar as {"__key__": key, ext: bytes, ...}, one dict per sample, in the order
+    of each key's first member.
+
+    Members sharing a key (`member_key`) form a sample wherever they sit in the tar: webdataset
+    wants them adjacent, but `tar -cf x.tar dir` stores files in directory order. Directories,
+    img2dataset's `_*` files and hidden or left-behind members (`left_behind`) are skipped. A
+    truncated or corrupt tar raises TruncatedTar after the samples that were complete.
     """
-    key, sample = None, {}
+    key, damage = None, None
     try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for info in tar:
-                base, _, ext = info.name.partition(".")
-                if not info.isfile() or base.rsplit("/", 1)[-1].startswith("_"):
-                    continue
-                if base != key:
-                    if key is not None:
-                        yield sample
-                    key, sample = base, {"__key__": base}
-                sample[ext.lower()] = tar.extractfile(info).read()
+        with tarfile.open(path, mode="r:*") as tar:  # random access: headers first, then each sample's members
+            samples: dict[str, list[tuple[str, tarfile.TarInfo]]] = {}
+            try:
+                for info in tar:
+                    parts = posixpath.normpath(info.name).lstrip("/").split("/")
+                    if info.isfile() and not parts[-1].startswith("_") and not any(map(left_behind, parts)):
+                        base, ext = member_key(info.name)
+                        samples.setdefault(base, []).append((ext.lower(), info))
+            except (tarfile.TarError, EOFError, OSError) as err:  # cut short: the members before it are readable
+                damage = err
+            for key, members in samples.items():
+                yield {"__key__": key} | {ext: tar.extractfile(info).read() for ext, info in members}
     except (tarfile.TarError, EOFError, OSError) as err:
         raise TruncatedTar(key, err) from err
-    if key is not None:
-        yield sample
+    if damage is not None:  # the cut fell after the last complete sample's data
+        raise TruncatedTar("end-of-tar", damage)
 
 
 def rewrite_shard(src: Path, dest: Path, transform) -> int:

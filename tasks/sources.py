@@ -7,11 +7,16 @@ still comes out, carrying its rejection, so that it is quarantined and counted.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
+import hashlib
+import itertools
+import json
 import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -19,14 +24,15 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from tasks import corpus
-from tasks.config import CsvSource, GeneratedSource, ImageFolderSource, WebdatasetSource
+from tasks.config import CsvSource, GeneratedSource, ImageFolderSource, InputError, WebdatasetSource
 from tasks.images import Rejected
-from tasks.shards import TruncatedTar, iter_tar_samples
+from tasks.shards import TruncatedTar, iter_tar_samples, left_behind, member_key
 
-_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9-]")
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9-]+")
+_SYNSET = re.compile(r"^n\d{8}$")  # a WordNet synset id, as ImageNet names its class folders
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """A source that cannot be read at all (named in the message); raised before any work."""
 
 
@@ -38,6 +44,7 @@ class Partition:
     start: int = 0
     stop: int = 0
     url: str = ""  # webdataset: one input tar per partition
+    shard: str = ""  # webdataset: the tar's path below the source's common folder, without extensions
 
 
 @dataclass
@@ -56,6 +63,23 @@ def indexed_key(source: str, split: str, index: int) -> str:
     return f"{source}_{split}_{index:09d}"
 
 
+def key_part(text: str) -> str:
+    """`text` as a key part of [A-Za-z0-9-]: itself when it already is one, else a readable form
+    plus 8 hex digits of its sha256, so that distinct texts stay distinct (`cc3m.v1/000001` ->
+    `cc3m-v1-000001-<hash>`)."""
+    readable = _UNSAFE_KEY_CHARS.sub("-", text).strip("-")
+    if readable == text:
+        return text
+    return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:8]}".lstrip("-")
+
+
+def shard_ids(urls: list[str]) -> list[str]:
+    """Each tar's path below the folder common to all `urls`, without extensions (webdataset's key
+    rule): `/d/00001.tar` -> `00001`, and `a/00001`, `b/00001` when two folders share tar names."""
+    common = os.path.commonpath([os.path.dirname(os.path.abspath(u)) for u in urls])
+    return [member_key(os.path.relpath(os.path.abspath(u), common).replace(os.sep, "/"))[0] for u in urls]
+
+
 def expand_urls(pattern: str) -> list[str]:
     """Brace-expand then glob; every concrete (non-glob) path must exist."""
     urls: list[str] = []
@@ -71,41 +95,146 @@ def expand_urls(pattern: str) -> list[str]:
     return urls
 
 
+def _text_lines(path: Path, encoding: str, source: str) -> Iterator[str]:
+    """The lines of a text file decoded with `encoding`, line ends kept (as the csv module wants).
+
+    Raises SourceError naming the source, file, line and bytes where the text is not in that encoding.
+    """
+    decoder = codecs.getincrementaldecoder(encoding)()
+    line, pending = 1, ""
+    with open(path, "rb") as f:
+        for raw in itertools.chain(f, [b""]):  # b"": flush the decoder at the end
+            try:
+                text = pending + decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as err:
+                bad = err.object[err.start:err.end].hex(" ")
+                raise SourceError(
+                    f"source {source!r}: {path} line {line}: bytes {bad} at byte {err.start + 1} of the line are "
+                    f"not valid {encoding} ({err.reason}); set this source's `encoding` in params "
+                    f"(e.g. cp1252 for a CSV saved by Excel on Windows, latin-1, utf-16)"
+                ) from None
+            *lines, pending = text.split("\n")  # raw chunks end at b"\n", which in UTF-16 is half a character
+            line += len(lines)
+            yield from (f"{done}\n" for done in lines)
+    if pending:
+        yield pending
+
+
+def _csv_lines(src: CsvSource) -> Iterator[str]:
+    return _text_lines(src.path, src.encoding, src.name)
+
+
 def _csv_rows(src: CsvSource) -> Iterator[dict]:
-    with open(src.path, newline="", encoding="utf-8") as f:
-        yield from csv.DictReader(f, delimiter=src.sep)
+    yield from csv.DictReader(_csv_lines(src), delimiter=src.sep)
 
 
 def _check_csv(src: CsvSource) -> int:
     if not src.path.is_file():
         raise SourceError(f"source {src.name!r}: CSV not found: {src.path}")
-    with open(src.path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f, delimiter=src.sep), [])
-        missing = [c for c in (src.image_column, src.caption_column) if c not in header]
-        if missing:
-            raise SourceError(
-                f"source {src.name!r}: {src.path} lacks column(s) {missing}; header is {header} "
-                f"(set image_column/caption_column/sep in params)"
-            )
-        return sum(1 for _ in csv.reader(f, delimiter=src.sep))
+    rows = csv.reader(_csv_lines(src), delimiter=src.sep)
+    header = next(rows, [])
+    missing = [c for c in (src.image_column, src.caption_column) if c not in header]
+    if missing:
+        bom = header and header[0].startswith("\ufeff")
+        bom = " (the file starts with a byte-order mark: use encoding utf-8-sig)" if bom else ""
+        raise SourceError(
+            f"source {src.name!r}: {src.path} lacks column(s) {missing}; header is {header}{bom} "
+            f"(set image_column/caption_column/sep in params)"
+        )
+    return sum(1 for _ in rows)
 
 
 def folder_classes(src: ImageFolderSource) -> list[str]:
+    """The class folders of an image folder, sorted (the class index is the position); hidden
+    folders and those tools leave behind (`.ipynb_checkpoints`, `__MACOSX`) are not classes."""
     if not src.root.is_dir():
         raise SourceError(f"source {src.name!r}: image folder not found: {src.root}")
-    classes = sorted(d.name for d in src.root.iterdir() if d.is_dir())
+    classes = sorted(d.name for d in src.root.iterdir() if d.is_dir() and not left_behind(d.name))
     if not classes:
         raise SourceError(f"source {src.name!r}: {src.root} has no class subfolders (expected root/<class>/<image>)")
     return classes
 
 
+def _class_files(folder: Path) -> list[Path]:
+    """Every file below a class folder, at any depth, sorted; hidden and left-behind ones skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not left_behind(d)]
+        found.extend(Path(dirpath) / f for f in filenames if not left_behind(f))
+    return sorted(found)
+
+
 def _folder_files(src: ImageFolderSource) -> list[tuple[int, Path]]:
-    return [
-        (ci, p)
-        for ci, name in enumerate(folder_classes(src))
-        for p in sorted((src.root / name).iterdir())
-        if p.is_file()
-    ]
+    """(class index, file) of every image of an image folder; SourceError names empty class folders."""
+    files = {name: _class_files(src.root / name) for name in folder_classes(src)}
+    empty = [name for name, found in files.items() if not found]
+    if empty:
+        raise SourceError(
+            f"source {src.name!r}: class folder(s) {empty} under {src.root} hold no image; an empty class still "
+            f"counts in chance level and in the ASR set: remove the folder(s) or add images"
+        )
+    return [(ci, p) for ci, found in enumerate(files.values()) for p in found]
+
+
+@lru_cache(maxsize=1)
+def imagenet_synset_names() -> dict[str, str]:
+    """Class name of each ImageNet synset id: open_clip's ImageNet-1k names (open_clip lists them in
+    the order of the sorted 1k synset ids, which timm ships), else the first WordNet lemma of the
+    ImageNet-21k synset (timm's descriptions)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    from timm.data import ImageNetInfo
+
+    full = ImageNetInfo("imagenet-22k")
+    names = {wnid: desc.split(",")[0].strip() for wnid, desc in zip(full.label_names(), full.label_descriptions())}
+    names.update(zip(sorted(ImageNetInfo("imagenet-1k").label_names()), IMAGENET_CLASSNAMES))
+    return names
+
+
+def _read_class_mapping(src: ImageFolderSource) -> dict[str, str]:
+    """The user's folder -> class name file: a JSON object, or CSV/TSV rows of (folder, name)."""
+    path = src.classnames
+    if not path.is_file():
+        raise SourceError(f"source {src.name!r}: classnames file not found: {path}")
+    if path.suffix.lower() == ".json":
+        try:
+            mapping = json.loads("".join(_text_lines(path, "utf-8-sig", src.name)))
+        except json.JSONDecodeError as err:
+            raise SourceError(f"source {src.name!r}: {path} is not valid JSON ({err})") from None
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+            raise SourceError(f"source {src.name!r}: {path} must hold one JSON object of class folder -> class name, "
+                              f'e.g. {{"n07753592": "banana"}}')
+        return {k: v.strip() for k, v in mapping.items()}
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    mapping = {}
+    for line, row in enumerate(csv.reader(_text_lines(path, "utf-8-sig", src.name), delimiter=sep), start=1):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != 2:
+            raise SourceError(f"source {src.name!r}: {path} line {line}: expected 2 columns (class folder, class name) "
+                              f"separated by {sep!r}, got {row}")
+        mapping[row[0].strip()] = row[1].strip()  # a header row maps a folder that does not exist: harmless
+    return mapping
+
+
+def class_names(src: ImageFolderSource) -> list[str]:
+    """Class names of an image folder in class-index order: from the source's `classnames` file when
+    given; for ImageNet's synset folders (`n07753592`) `imagenet_synset_names`; else the folder
+    name with `_` as a space. Raises SourceError naming folders a mapping lacks or names it repeats."""
+    folders = folder_classes(src)
+    if src.classnames is None and not all(_SYNSET.match(f) for f in folders):
+        return [f.replace("_", " ") for f in folders]
+    mapping = _read_class_mapping(src) if src.classnames else imagenet_synset_names()
+    where = src.classnames or "ImageNet-21k's synset ids"
+    missing = [f for f in folders if not mapping.get(f)]
+    if missing:
+        raise SourceError(f"source {src.name!r}: no class name for folder(s) {missing[:10]} of {src.root} in {where}"
+                          + ("" if src.classnames else "; give a classnames file (JSON or CSV of folder, name)"))
+    names = [mapping[f] for f in folders]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise SourceError(f"source {src.name!r}: {where} gives several folders the same class name: {repeated[:10]}; "
+                          f"zero-shot classes must differ")
+    return names
 
 
 def eval_metadata(src) -> dict | None:
@@ -115,10 +244,7 @@ def eval_metadata(src) -> dict | None:
     if isinstance(src, ImageFolderSource):
         from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES  # imports torch: only when needed
 
-        return {
-            "classnames": [c.replace("_", " ") for c in folder_classes(src)],
-            "templates": [t("{}") for t in OPENAI_IMAGENET_TEMPLATES],
-        }
+        return {"classnames": class_names(src), "templates": [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]}
     return None
 
 
@@ -137,9 +263,11 @@ def plan(sources: list, partition_size: int) -> list[Partition]:
         elif isinstance(src, CsvSource):
             ranges(src.name, "train", _check_csv(src))
         elif isinstance(src, WebdatasetSource):
-            for url in expand_urls(src.urls):
-                parts.append(Partition(len(parts), src.name, "train", url=url))
+            urls = expand_urls(src.urls)
+            for url, shard in zip(urls, shard_ids(urls)):
+                parts.append(Partition(len(parts), src.name, "train", url=url, shard=shard))
         elif isinstance(src, ImageFolderSource):
+            class_names(src)  # a missing or bad name mapping stops the stage here, before any work
             ranges(src.name, "eval", len(_folder_files(src)))
     return parts
 
@@ -152,7 +280,7 @@ def read_partition(src, part: Partition, seed: int, side: int) -> Iterator[RawRe
     elif isinstance(src, CsvSource):
         yield from _read_csv(src, part)
     elif isinstance(src, WebdatasetSource):
-        yield from read_tar(src.name, part.url)
+        yield from read_tar(src.name, part.url, part.shard)
     elif isinstance(src, ImageFolderSource):
         files = _folder_files(src)[part.start:part.stop]
         names = eval_metadata(src)["classnames"]
@@ -179,10 +307,9 @@ def _read_csv(src: CsvSource, part: Partition) -> Iterator[RawRecord]:
         yield rec
 
 
-def _tar_record(source: str, url: str, sample: dict) -> RawRecord:
+def _tar_record(source: str, url: str, shard: str, sample: dict) -> RawRecord:
     key = sample["__key__"]
-    safe = _UNSAFE_KEY_CHARS.sub("-", key.rsplit("/", 1)[-1])
-    rec = RawRecord(f"{source}_{safe}", f"{url}:{key}", "train")
+    rec = RawRecord(f"{source}_{key_part(shard)}_{key_part(key)}", f"{url}:{key}", "train")
     txt = sample.get("txt")
     rec.caption = txt.decode("utf-8", errors="replace") if txt is not None else None
     image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
@@ -193,13 +320,14 @@ def _tar_record(source: str, url: str, sample: dict) -> RawRecord:
     return rec
 
 
-def read_tar(source: str, url: str) -> Iterator[RawRecord]:
-    """Stream an img2dataset/webdataset tar; a truncated tar ends with one rejected record
-    for the sample being read when it broke, after the samples before it."""
+def read_tar(source: str, url: str, shard: str) -> Iterator[RawRecord]:
+    """Stream an img2dataset/webdataset tar as records keyed `{source}_{shard}_{member key}` (unique
+    across the source: `shard` is the tar's id from `shard_ids`). A truncated tar ends with one
+    rejected record for the sample being read when it broke, after the samples before it."""
     try:
         for sample in iter_tar_samples(url):
-            yield _tar_record(source, url, sample)
+            yield _tar_record(source, url, shard, sample)
     except TruncatedTar as err:
-        rec = _tar_record(source, url, {"__key__": err.key or "start-of-tar"})
+        rec = _tar_record(source, url, shard, {"__key__": err.key or "start-of-tar"})
         rec.rejected = Rejected("truncated_tar_member", str(err))
         yield rec

@@ -1,8 +1,9 @@
 """Great Expectations suites (JSON files in expectations/) run on pandas tables.
 
-A suite's `{"$PARAMETER": name}` values are filled from params at run time. `validate`
-returns a compact, JSON-serialisable report; `raise_on_failure` turns a failed report
-into an error naming each failed expectation and sample offending rows.
+A suite's `{"$PARAMETER": name}` values are filled from params at run time, and an expectation's
+`meta.params` names the params keys that set them. `validate` returns a compact, JSON-serialisable
+report; `raise_on_failure` turns a failed report into an error naming each failed expectation,
+sample offending rows and the params keys that govern it.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ class ValidationFailed(RuntimeError):
         for rep in reports:
             for r in rep["results"]:
                 if not r["success"]:
+                    governed = f" (set by params {', '.join(r['params'])})" if r["params"] else ""
                     lines.append(f"  [{rep['suite']} on {rep['data']}] {r['expectation']}({r['kwargs']}): "
-                                 f"{r['unexpected_count']} offending row(s), e.g. {r['sample_rows']}")
+                                 f"{r['unexpected_count']} offending row(s), e.g. {r['sample_rows']}{governed}")
         super().__init__("\n".join(lines))
 
 
@@ -71,6 +73,7 @@ def validate(df: pd.DataFrame, suite: str, parameters: dict, data: str, id_colum
             "observed_value": res.get("observed_value"),
             "sample_rows": unexpected[:SAMPLE_ROWS],
             "exception": (r.get("exception_info") or {}).get("exception_message"),
+            "params": (cfg.get("meta") or {}).get("params", []),
         })
     return {"suite": suite, "data": data, "rows": len(df), "parameters": parameters,
             "success": bool(result["success"]), "results": results}

@@ -109,9 +109,9 @@ def mixed_sources(tmp_path) -> dict:
             "mycsv_train_000000006": "missing_file", "mycsv_train_000000007": "undecodable_image",
             "mycsv_train_000000008": "too_small", "mycsv_train_000000009": "decompression_bomb",
             "mycsv_train_000000010": "empty_caption", "mycsv_train_000000011": "duplicate",
-            "web_000000003": "truncated_tar_member",
+            "web_00000_000000003": "truncated_tar_member",
         },
-        "expected_good": [f"mycsv_train_{i:09d}" for i in range(6)] + [f"web_00000000{i}" for i in range(3)],
+        "expected_good": [f"mycsv_train_{i:09d}" for i in range(6)] + [f"web_00000_00000000{i}" for i in range(3)],
     }
 
 

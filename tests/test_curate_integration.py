@@ -94,19 +94,20 @@ def test_cross_partition_duplicates_are_quarantined(tmp_path, prefect_api_url, m
     assert not any(k.startswith("again_") for k in keys)
 
 
-def test_validation_failure_names_expectation_and_rows(tmp_path, prefect_api_url, mixed_sources):
-    """The same image under two captions breaks sha256 uniqueness: the flow fails naming the rows."""
+def test_validation_failure_names_expectation_rows_and_params_key(tmp_path, prefect_api_url, mixed_sources):
+    """With strict image uniqueness asked for, the same image under two captions fails the flow naming
+    the rows and the params key that asked for it."""
     from tasks.validation import ValidationFailed
 
     csv = mixed_sources["csv"]
     path = tmp_path / "sources" / "pairs.csv"
     path.write_text(path.read_text() + "csv_images/rgb.png\tthe same picture with another caption\n")
-    params = parse_params(tiny_params(tmp_path, [csv]))
+    params = parse_params(tiny_params(tmp_path, [csv], validation={"sha256_unique_mostly": 1.0}))
     with pytest.raises(ValidationFailed) as err:
         run(params)
     msg = str(err.value)
     assert "expect_column_values_to_be_unique" in msg and "sha256" in msg
-    assert "mycsv_train_000000012" in msg
+    assert "mycsv_train_000000012" in msg and "set by params curate.validation.sha256_unique_mostly" in msg
     assert not params.curate.out_dir.exists()  # nothing published
     report = json.loads((tmp_path / "data" / "curated.partial" / "validation.json").read_text())
     assert report["success"] is False

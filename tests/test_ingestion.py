@@ -1,0 +1,415 @@
+"""Real users' files (issue 12): tar member layouts, all-quarantined runs, EXIF orientation, CSV text
+encodings, ImageNet synset folders and name mappings, image-folder hygiene, checkpoint formats and
+the same image under several captions. Each input is a small file made here."""
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from tasks import curate
+from tasks.config import ConfigError, parse_params
+from tasks.curate import CurateError
+from tasks.evaluate import load_model, read_state_dict
+from tasks.images import decode_image
+from tasks.metrics import EvalError
+from tasks.shards import iter_tar_samples, member_key, read_manifest
+from tasks.sources import SourceError, class_names, eval_metadata, key_part, plan, read_partition, shard_ids
+from tests.conftest import REPO, png_bytes, random_image, tiny_params
+
+
+def curate_only(tmp_path, sources, **curate_cfg):
+    """Params whose sources are exactly `sources` (no generated corpus)."""
+    raw = tiny_params(tmp_path, sources, **curate_cfg)
+    raw["curate"]["sources"] = sources
+    return parse_params(raw)
+
+
+def write_members(path, members: dict[str, bytes]):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+# 1. Sample keys from tar member paths
+
+@pytest.mark.parametrize("path, expected", [
+    ("000000.jpg", ("000000", "jpg")),
+    ("./000000.jpg", ("000000", "jpg")),
+    ("cc3m.v1/000000.jpg", ("cc3m.v1/000000", "jpg")),
+    ("./a.b/c.d/0001.seg.png", ("a.b/c.d/0001", "seg.png")),
+    ("/abs/000.txt", ("abs/000", "txt")),
+])
+def test_member_key_is_webdatasets_rule(path, expected):
+    assert member_key(path) == expected
+
+
+def test_tars_made_with_dot_paths_and_dotted_folders_keep_every_sample(tmp_path):
+    """`tar -C dir -cf x.tar .` (members ./000000.jpg) and a dotted folder (cc3m.v1/000000.jpg): 3 tars x 3
+    samples, all 9 curated, with unique keys although the member names repeat in every tar."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for t in range(3):
+        src = tmp_path / f"src{t}" / ("cc3m.v1" if t == 2 else "")
+        src.mkdir(parents=True)
+        for i in range(3):
+            (src / f"{i:06d}.jpg").write_bytes(png_bytes(random_image(10 * t + i), "JPEG"))
+            (src / f"{i:06d}.txt").write_text(f"tar {t} sample {i} caption")
+            (src / f"{i:06d}.json").write_text("{}")
+        (src / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # left behind by macOS: not a sample
+        (src / f"._{0:06d}.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+        subprocess.run(["tar", "-C", str(tmp_path / f"src{t}"), "-cf", str(shards / f"{t:05d}.tar"), "."], check=True)
+    names = tarfile.open(shards / "00000.tar").getnames()
+    assert "./000000.jpg" in names and "./.DS_Store" in names
+
+    params = curate_only(tmp_path, [{"kind": "webdataset", "name": "web", "urls": str(shards / "*.tar")}])
+    stats = curate.run_sequential(params)
+    assert stats["sources"]["web"] == {"seen": 9, "written": 9, "quarantined": {}, "captions_truncated": 0}
+    train = read_manifest(params.curate.out_dir / "train").to_pandas()
+    assert len(set(train["key"])) == 9
+    assert set(train["caption"]) == {f"tar {t} sample {i} caption" for t in range(3) for i in range(3)}
+    assert "web_00002_cc3m-v1-000000-" in " ".join(train["key"])  # readable, with a hash of the exact path
+
+
+def test_keys_stay_unique_across_folders_and_shards(tmp_path):
+    """Two tars of the same name in different folders, each with two folders sharing member names."""
+    seed = iter(range(100))
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        write_members(tmp_path / folder / "00000.tar", {
+            f"{sub}/000.{ext}": png_bytes(random_image(next(seed))) if ext == "png" else b"a caption"
+            for sub in ("x", "y") for ext in ("png", "txt")})
+    assert shard_ids([str(tmp_path / "a" / "00000.tar"), str(tmp_path / "b" / "00000.tar")]) == ["a/00000", "b/00000"]
+    assert shard_ids([str(tmp_path / "a" / "00000.tar"), str(tmp_path / "a" / "00001.tar")]) == ["00000", "00001"]
+    src = parse_params(tiny_params(tmp_path, [{"kind": "webdataset", "name": "web",
+                                               "urls": str(tmp_path / "*/00000.tar")}])).curate.sources[1]
+    recs = [rec for part in plan([src], 10) for rec in read_partition(src, part, 0, 32)]
+    assert len(recs) == 4 and len({r.key for r in recs}) == 4 and all(r.rejected is None for r in recs)
+    # Distinct texts never share a key part, even when their readable forms agree.
+    assert len({key_part(t) for t in ("a.b", "a-b", "a_b", "a/b", "a-b-")}) == 5
+    assert key_part("000123") == "000123"
+
+
+def test_left_behind_members_are_skipped(tmp_path):
+    path = tmp_path / "x.tar"
+    write_members(path, {"__MACOSX/._000.jpg": b"fork", "000.jpg": png_bytes(random_image(1), "JPEG"),
+                         "000.txt": b"caption", "._000.jpg": b"fork", "sub/.hidden.txt": b"x", "_stats.json": b"{}"})
+    assert [s["__key__"] for s in iter_tar_samples(path)] == ["000"]
+
+
+# 2. All samples rejected
+
+def test_all_samples_quarantined_is_named_with_counts(tmp_path):
+    csv = tmp_path / "pairs.csv"
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    csv.write_text("image,caption\nmissing1.png,one caption\nmissing2.png,two caption\nbad.png,three caption\n")
+    params = curate_only(tmp_path, [{"kind": "csv", "name": "mine", "path": str(csv)}])
+    with pytest.raises(CurateError) as err:
+        curate.run_sequential(params)
+    msg = str(err.value)
+    assert "no train sample: all 3 sample(s) of source(s) ['mine'] were quarantined" in msg
+    assert "missing_file=2, undecodable_image=1" in msg and "quarantine.parquet" in msg
+    assert "expect_table_row_count" not in msg
+    assert pq.read_table(tmp_path / "data" / "curated.partial" / "quarantine.parquet").num_rows == 3
+    assert not params.curate.out_dir.exists()
+
+
+def test_eval_class_left_without_images_is_named(tmp_path):
+    root = tmp_path / "folder"
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+    (root / "cat" / "0.png").write_bytes(png_bytes(random_image(1)))
+    (root / "dog" / "0.png").write_bytes(b"broken")
+    params = curate_only(tmp_path, [{"kind": "image_folder", "name": "folder", "root": str(root)}])
+    with pytest.raises(CurateError, match=r"eval set eval/folder: class\(es\) \['dog'\] have no curated image"):
+        curate.run_sequential(params)
+
+
+# 3. EXIF orientation
+
+def sideways_jpeg() -> bytes:
+    """Stored 64x32 with EXIF Orientation 6 (rotate 90 degrees clockwise to view): viewed, its top is red."""
+    arr = np.zeros((32, 64, 3), np.uint8)
+    arr[:, :] = (0, 0, 255)
+    arr[:, :16] = (255, 0, 0)  # the stored left edge is the viewed top
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied_before_resizing(tmp_path):
+    im = decode_image(sideways_jpeg(), 10 ** 6)
+    assert im.size == (32, 64)
+    top, bottom = np.asarray(im)[2].mean(0), np.asarray(im)[-3].mean(0)
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200
+
+    (tmp_path / "photo.jpg").write_bytes(sideways_jpeg())
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("image,caption\nphoto.jpg,a photo held sideways\n")
+    params = curate_only(tmp_path, [{"kind": "csv", "name": "mine", "path": str(csv)}], resize_mode="squash")
+    curate.run_sequential(params)
+    tar = next((params.curate.out_dir / "train").glob("*.tar"))
+    (sample,) = iter_tar_samples(tar)
+    with Image.open(io.BytesIO(sample["png"])) as curated:
+        arr = np.asarray(curated.convert("RGB"))
+        assert not curated.getexif()
+    assert arr[:6].mean((0, 1))[0] > 200 and arr[-6:].mean((0, 1))[2] > 200  # red top, blue bottom
+
+
+# 4. CSV text encodings
+
+def write_csv_images(tmp_path, n=2):
+    for i in range(n):
+        (tmp_path / f"{i}.png").write_bytes(png_bytes(random_image(i)))
+
+
+def test_csv_with_a_byte_order_mark_is_read(tmp_path):
+    write_csv_images(tmp_path)
+    csv = tmp_path / "pairs.csv"
+    csv.write_bytes("image,caption\n0.png,café au lait\n1.png,naïve art\n".encode("utf-8-sig"))
+    params = curate_only(tmp_path, [{"kind": "csv", "name": "mine", "path": str(csv)}])
+    stats = curate.run_sequential(params)
+    assert stats["sources"]["mine"]["written"] == 2
+    assert sorted(read_manifest(params.curate.out_dir / "train").column("caption").to_pylist()) == [
+        "café au lait", "naïve art"]
+
+
+def test_non_utf8_csv_names_file_line_and_bytes_and_encoding_option_reads_it(tmp_path):
+    write_csv_images(tmp_path, 4)
+    csv = tmp_path / "excel.csv"
+    rows = ["image,caption", "0.png,plain ascii caption", "1.png,another plain one", "2.png,café crème",
+            "3.png,a “quoted” word"]
+    csv.write_bytes(("\r\n".join(rows) + "\r\n").encode("cp1252"))
+    source = {"kind": "csv", "name": "mine", "path": str(csv)}
+    with pytest.raises(SourceError) as err:
+        curate.plan_partitions(curate_only(tmp_path, [source]))
+    msg = str(err.value)
+    assert f"source 'mine': {csv} line 4: bytes e9 at byte 10 of the line are not valid utf-8-sig" in msg
+    assert "set this source's `encoding`" in msg and "cp1252" in msg
+
+    params = curate_only(tmp_path, [source | {"encoding": "cp1252"}])
+    curate.run_sequential(params)
+    assert sorted(read_manifest(params.curate.out_dir / "train").column("caption").to_pylist()) == [
+        "a \"quoted\" word", "another plain one", "café crème", "plain ascii caption"]  # ftfy uncurls quotes
+
+
+def test_utf16_csv_with_encoding_option(tmp_path):
+    write_csv_images(tmp_path)
+    csv = tmp_path / "pairs.csv"
+    csv.write_bytes("image\tcaption\n0.png\tñandú\n1.png\t日本の写真\n".encode("utf-16"))
+    params = curate_only(tmp_path, [{"kind": "csv", "name": "mine", "path": str(csv), "sep": "\t",
+                                     "encoding": "utf-16"}])
+    curate.run_sequential(params)
+    assert sorted(read_manifest(params.curate.out_dir / "train").column("caption").to_pylist()) == ["ñandú", "日本の写真"]
+
+
+def test_unknown_encoding_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"curate\.sources\.1\.csv\.encoding.*unknown text encoding 'utf-9'"):
+        parse_params(tiny_params(tmp_path, [{"kind": "csv", "name": "m", "path": "x.csv", "encoding": "utf-9"}]))
+
+
+# 5. ImageNet folders named by synset id, and the user's own mapping
+
+def image_folder(tmp_path, classes: dict[str, int], name="folder"):
+    root = tmp_path / name
+    for k, (cls, n) in enumerate(classes.items()):
+        (root / cls).mkdir(parents=True)
+        for j in range(n):
+            (root / cls / f"ILSVRC2012_val_{k:04d}{j:04d}.JPEG").write_bytes(png_bytes(random_image(100 * k + j), "JPEG"))
+    return root
+
+
+def folder_source(tmp_path, root, **extra):
+    return parse_params(tiny_params(tmp_path, [{"kind": "image_folder", "name": "inet", "root": str(root)} | extra])
+                        ).curate.sources[1]
+
+
+def test_imagenet_synset_folders_get_open_clips_class_names(tmp_path):
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    root = image_folder(tmp_path, {"n07753592": 1, "n01440764": 1, "n04592741": 1, "n00004475": 1})
+    assert class_names(folder_source(tmp_path, root)) == ["organism", "tench", "airplane wing", "banana"]
+    assert IMAGENET_CLASSNAMES[954] == "banana"
+    meta = eval_metadata(folder_source(tmp_path, root))
+    assert meta["classnames"][3] == "banana" and len(meta["templates"]) == 80
+
+    # Through curate: the captions and classes.json carry the names, so `poison.target: banana` resolves.
+    params = curate_only(tmp_path, [{"kind": "image_folder", "name": "inet", "root": str(root)}])
+    curate.run_sequential(params)
+    classes = json.loads((params.curate.out_dir / "eval" / "inet" / "classes.json").read_text())
+    assert classes["classnames"].index("banana") == 3
+    eval_rows = read_manifest(params.curate.out_dir / "eval" / "inet").to_pandas()
+    assert "a photo of a banana." in set(eval_rows["caption"])
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "tsv"])
+def test_a_users_folder_to_name_mapping(tmp_path, fmt):
+    root = image_folder(tmp_path, {"c01": 1, "c02": 1})
+    path = tmp_path / f"names.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps({"c01": "golden retriever", "c02": "banana", "c99": "unused"}))
+    else:
+        sep = "," if fmt == "csv" else "\t"
+        path.write_text(f"folder{sep}name\nc01{sep}golden retriever\nc02{sep}banana\n", encoding="utf-8-sig")
+    assert class_names(folder_source(tmp_path, root, classnames=str(path))) == ["golden retriever", "banana"]
+
+
+def test_mapping_errors_name_the_folder_and_file(tmp_path):
+    root = image_folder(tmp_path, {"c01": 1, "c02": 1})
+    partial = tmp_path / "names.json"
+    partial.write_text(json.dumps({"c01": "dog"}))
+    with pytest.raises(SourceError, match=r"no class name for folder\(s\) \['c02'\] .* in .*names\.json"):
+        plan([folder_source(tmp_path, root, classnames=str(partial))], 10)
+    same = tmp_path / "same.csv"
+    same.write_text("c01,dog\nc02,dog\n")
+    with pytest.raises(SourceError, match=r"several folders the same class name: \['dog'\]"):
+        class_names(folder_source(tmp_path, root, classnames=str(same)))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("c01,dog\nc02\n")
+    with pytest.raises(SourceError, match=r"bad\.csv line 2: expected 2 columns"):
+        class_names(folder_source(tmp_path, root, classnames=str(bad)))
+    with pytest.raises(SourceError, match="classnames file not found"):
+        class_names(folder_source(tmp_path, root, classnames=str(tmp_path / "nope.json")))
+    unknown = image_folder(tmp_path, {"n07753592": 1, "n99999999": 1}, name="unknown")
+    with pytest.raises(SourceError, match=r"\['n99999999'\].*give a classnames file"):
+        class_names(folder_source(tmp_path, unknown))
+
+
+# 6. Image-folder hygiene
+
+def test_hidden_and_left_behind_entries_are_not_classes_or_samples(tmp_path):
+    root = image_folder(tmp_path, {"cat": 2, "dog": 1})
+    for junk in (".ipynb_checkpoints", "__MACOSX", ".git"):
+        (root / junk).mkdir()
+        (root / junk / "x.png").write_bytes(png_bytes(random_image(9)))
+    (root / "cat" / ".DS_Store").write_bytes(b"\0")
+    (root / "cat" / "._0.JPEG").write_bytes(b"\0\5\26\7")
+    (root / "dog" / "Thumbs.db").write_bytes(b"\0")
+    (root / "dog" / "more").mkdir()
+    (root / "dog" / "more" / "nested.png").write_bytes(png_bytes(random_image(8)))  # nested images count
+    src = folder_source(tmp_path, root)
+    assert class_names(src) == ["cat", "dog"]
+    recs = [r for part in plan([src], 10) for r in read_partition(src, part, 0, 32)]
+    assert [(r.cls, r.origin.split("/")[-1]) for r in recs] == [
+        (0, "ILSVRC2012_val_00000000.JPEG"), (0, "ILSVRC2012_val_00000001.JPEG"),
+        (1, "ILSVRC2012_val_00010000.JPEG"), (1, "nested.png")]
+
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+    root = image_folder(tmp_path, {"cat": 1, "dog": 0, "emu": 0})
+    (root / "emu" / ".DS_Store").write_bytes(b"\0")  # only a hidden file: still empty
+    with pytest.raises(SourceError, match=r"class folder\(s\) \['dog', 'emu'\] under .* hold no image"):
+        plan([folder_source(tmp_path, root)], 10)
+
+
+# 7. Checkpoint formats
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_checkpoint_formats_give_one_line_errors_or_load(tmp_path):
+    model = Tiny()
+    torch.jit.save(torch.jit.script(model), tmp_path / "scripted.pt")
+    with pytest.raises(EvalError) as err:
+        read_state_dict(tmp_path / "scripted.pt")
+    assert "scripted.pt is a TorchScript archive" in str(err.value) and "state_dict()" in str(err.value)
+
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(EvalError) as err:
+        read_state_dict(tmp_path / "whole.pt")
+    assert "whole.pt holds a pickled" in str(err.value) and "Tiny object" in str(err.value)
+    assert "\n" not in str(err.value)
+
+    torch.save(model.state_dict(), tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EvalError, match=r"cut\.pt is not a readable torch checkpoint"):
+        read_state_dict(tmp_path / "cut.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(EvalError, match=r"list\.pt holds a list, not a state_dict"):
+        read_state_dict(tmp_path / "list.pt")
+    with pytest.raises(EvalError, match="checkpoint not found"):
+        read_state_dict(tmp_path / "nope.pt")
+
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), tmp_path / "m.safetensors")
+    torch.save({"module._orig_mod." + k: v for k, v in model.state_dict().items()}, tmp_path / "ddp.pt")
+    torch.save({"epoch": 3, "state_dict": {"module." + k: v for k, v in model.state_dict().items()}},
+               tmp_path / "open_clip_train.pt")
+    for name in ("good.pt", "m.safetensors", "ddp.pt", "open_clip_train.pt"):
+        assert sorted(read_state_dict(tmp_path / name)) == ["proj.bias", "proj.weight"], name
+
+
+def test_evaluate_command_says_what_a_bad_checkpoint_is_in_one_line(tmp_path):
+    torch.save(Tiny(), tmp_path / "whole.pt")
+    done = subprocess.run([sys.executable, "-m", "flows.evaluate", "--checkpoint", str(tmp_path / "whole.pt"),
+                           "--model", "rn-tiny"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'whole.pt'} holds a pickled ")
+
+
+def test_ddp_prefixed_open_clip_state_dict_loads_into_the_model(tmp_path):
+    from tasks.pretrain import build_model
+
+    model, _, _ = build_model("rn-tiny", "mmcl")
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "ddp.pt")
+    loaded, _, _ = load_model(tmp_path / "ddp.pt", "rn-tiny")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+# 8. The same image under several captions
+
+def test_same_image_under_several_captions_passes_and_is_reported(tmp_path):
+    write_csv_images(tmp_path, 3)
+    csv = tmp_path / "coco.csv"
+    csv.write_text("image,caption\n" + "".join(f"{i}.png,caption {c} of image {i}\n" for i in range(3) for c in range(2))
+                   + "2.png,only once more\n")
+    source = {"kind": "csv", "name": "coco", "path": str(csv)}
+    strict = curate_only(tmp_path, [source], validation={"sha256_unique_mostly": 1.0})
+    from tasks.validation import ValidationFailed
+
+    with pytest.raises(ValidationFailed, match=r"set by params curate\.validation\.sha256_unique_mostly"):
+        curate.run_sequential(strict)
+    stage = curate.staging_dir(strict)
+    stamps = {p.name: p.stat().st_mtime_ns for p in stage.glob("*.done.json")}
+    assert stamps
+
+    default = curate_only(tmp_path, [source])
+    assert curate.staging_dir(default) == stage  # validation settings do not change what is computed
+    other = curate_only(tmp_path, [source], caption={"min_chars": 4})
+    curate.process_partition(other, curate.plan_partitions(other)[0])  # a failed run with other settings
+    assert curate.staging_dir(other).is_dir()
+
+    stats = curate.run_sequential(default)
+    assert stats["sources"]["coco"]["written"] == 7
+    assert stats["repeated_images"] == {"train": 1.0}  # every image is under several captions
+    assert not stage.exists() and not curate.staging_dir(other).exists()  # stale staging removed on success
+    report = json.loads((default.curate.out_dir / "validation.json").read_text())["reports"][0]
+    assert {r["expectation"] for r in report["results"]} >= {"expect_compound_columns_to_be_unique"}
+
+
+def test_repeated_share_counts_rows_whose_image_another_row_holds(tmp_path):
+    write_csv_images(tmp_path, 3)
+    csv = tmp_path / "web.csv"
+    csv.write_text("image,caption\n0.png,first\n0.png,second\n1.png,third\n2.png,fourth\n")
+    stats = curate.run_sequential(curate_only(tmp_path, [{"kind": "csv", "name": "web", "path": str(csv)}]))
+    assert stats["repeated_images"] == {"train": 0.5}
