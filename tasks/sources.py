@@ -100,24 +100,29 @@ def _text_lines(path: Path, encoding: str, source: str) -> Iterator[str]:
 
     Raises SourceError naming the source, file, line and bytes where the text is not in that encoding.
     """
+    try:
+        with open(path, newline="", encoding=encoding) as f:
+            yield from f
+    except UnicodeDecodeError:
+        _locate_decode_error(path, encoding, source)
+        raise
+
+
+def _locate_decode_error(path: Path, encoding: str, source: str) -> None:
+    """Raise SourceError at the first line of `path` that is not valid `encoding` (the text layer's
+    error gives a position in its read buffer, not a line)."""
     decoder = codecs.getincrementaldecoder(encoding)()
-    line, pending = 1, ""
+    line = 1
     with open(path, "rb") as f:
         for raw in itertools.chain(f, [b""]):  # b"": flush the decoder at the end
             try:
-                text = pending + decoder.decode(raw, final=not raw)
+                line += decoder.decode(raw, final=not raw).count("\n")
             except UnicodeDecodeError as err:
-                bad = err.object[err.start:err.end].hex(" ")
                 raise SourceError(
-                    f"source {source!r}: {path} line {line}: bytes {bad} at byte {err.start + 1} of the line are "
-                    f"not valid {encoding} ({err.reason}); set this source's `encoding` in params "
-                    f"(e.g. cp1252 for a CSV saved by Excel on Windows, latin-1, utf-16)"
+                    f"source {source!r}: {path} line {line}: bytes {err.object[err.start:err.end].hex(' ')} at byte "
+                    f"{err.start + 1} of the line are not valid {encoding} ({err.reason}); set this source's "
+                    f"`encoding` in params (e.g. cp1252 for a CSV saved by Excel on Windows, latin-1, utf-16)"
                 ) from None
-            *lines, pending = text.split("\n")  # raw chunks end at b"\n", which in UTF-16 is half a character
-            line += len(lines)
-            yield from (f"{done}\n" for done in lines)
-    if pending:
-        yield pending
 
 
 def _csv_lines(src: CsvSource) -> Iterator[str]:
