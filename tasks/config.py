@@ -51,16 +51,9 @@ class GeneratedSource(Strict):
         return self
 
 
-class CsvSource(Strict):
-    """CleanCLIP's format: a CSV of image path (relative to the CSV) and caption."""
-
-    kind: Literal["csv"]
-    name: Annotated[str, Field(pattern=SOURCE_NAME)]
-    path: Path
-    sep: Annotated[str, Field(min_length=1, max_length=1)] = ","
-    image_column: str = "image"
-    caption_column: str = "caption"
-    # Python codec name; utf-8-sig reads UTF-8 with or without a byte-order mark (Excel writes one).
+class TextSource(Strict):
+    # Python codec name of the source's text; utf-8-sig reads UTF-8 with or without a byte-order
+    # mark (Excel and Notepad write one).
     encoding: str = "utf-8-sig"
 
     @field_validator("encoding")
@@ -74,8 +67,20 @@ class CsvSource(Strict):
         return value
 
 
-class WebdatasetSource(Strict):
-    """img2dataset / webdataset shards: a brace pattern or a glob of .tar files."""
+class CsvSource(TextSource):
+    """CleanCLIP's format: a CSV of image path (relative to the CSV) and caption."""
+
+    kind: Literal["csv"]
+    name: Annotated[str, Field(pattern=SOURCE_NAME)]
+    path: Path
+    sep: Annotated[str, Field(min_length=1, max_length=1)] = ","
+    image_column: str = "image"
+    caption_column: str = "caption"
+
+
+class WebdatasetSource(TextSource):
+    """img2dataset / webdataset shards: a brace pattern or a glob of .tar files; `encoding` is that
+    of the `.txt` captions (a caption not in it is quarantined as undecodable_caption)."""
 
     kind: Literal["webdataset"]
     name: Annotated[str, Field(pattern=SOURCE_NAME)]

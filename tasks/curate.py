@@ -198,12 +198,14 @@ def _check_coverage(partial: Path, results: list[dict], quarantine: pa.Table, ta
         if tables.get(group, MANIFEST_SCHEMA.empty_table()).num_rows:
             continue
         mine = [r for r in results if _output_group(r) == group]
+        names = sorted({r["source"] for r in mine})
         seen = sum(r["seen"] for r in mine)
+        if not seen:
+            raise CurateError(f"curate wrote no {group} sample: source(s) {names} hold no sample")
         reasons = Counter(row["reason"] for row in quarantine.to_pylist()
-                          if row["source"] in {r["source"] for r in mine} and row["split"] == mine[0]["split"])
-        raise CurateError(f"curate wrote no {group} sample: all {seen} sample(s) of source(s) "
-                          f"{sorted({r['source'] for r in mine})} were quarantined "
-                          f"({', '.join(f'{k}={v}' for k, v in sorted(reasons.items())) or 'none read'}); "
+                          if row["source"] in names and row["split"] == mine[0]["split"])
+        raise CurateError(f"curate wrote no {group} sample: all {seen} sample(s) of source(s) {names} were "
+                          f"quarantined ({', '.join(f'{k}={v}' for k, v in sorted(reasons.items()))}); "
                           f"see {partial / 'quarantine.parquet'}")
     for group, table in tables.items():
         if group.startswith("eval/"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -75,6 +76,18 @@ def read_state_dict(path: Path) -> dict:
     return {_unwrapped(k): v for k, v in state.items()}
 
 
+def _fitted(state: dict, expected: set[str]) -> dict:
+    """`state` without the prefix its keys share when the model's keys lack it (a training
+    framework's attribute name, e.g. Lightning's `model.`); unchanged when no prefix fits."""
+    head = os.path.commonprefix(list(state)).rpartition(".")[0]
+    while head and not expected & set(state):
+        stripped = {k[len(head) + 1:]: v for k, v in state.items()}
+        if expected & set(stripped):
+            return stripped
+        head = head.rpartition(".")[0]
+    return state
+
+
 def _unwrapped(key: str) -> str:
     while key.startswith(_WRAPPER_PREFIXES):
         key = key.split(".", 1)[1]
@@ -94,6 +107,7 @@ def load_model(checkpoint: Path, model_name: str | None = None, objective: str =
         meta = json.loads(config.read_text())
         model_name, objective = meta["model"], meta.get("objective", objective)
     model, preprocess, tokenizer = build_model(model_name, objective)
+    state = _fitted(state, set(model.state_dict()))
     missing, unexpected = [], []
     try:
         result = model.load_state_dict(state, strict=False)

@@ -32,15 +32,23 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                 if im.width * im.height > max_pixels:
                     raise Rejected("decompression_bomb", f"{im.width}x{im.height} > {max_pixels} pixels")
                 im.load()
-                if im.getexif().get(ORIENTATION, 1) != 1:
-                    im = ImageOps.exif_transpose(im)
-                return to_rgb(im)
+                return to_rgb(_upright(im))
         except Rejected:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise Rejected("decompression_bomb", str(err)) from None
         except Exception as err:  # PIL raises many types for broken or non-image data
             raise Rejected("undecodable_image", f"{type(err).__name__}: {err}") from None
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: its EXIF orientation applied (Pillow's exif_transpose);
+    unreadable EXIF leaves it as stored rather than rejecting a decodable image."""
+    try:
+        turned = im.getexif().get(ORIENTATION, 1) not in (1, None)
+    except Exception:  # Pillow raises several types for malformed EXIF blocks
+        return im
+    return ImageOps.exif_transpose(im) if turned else im
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

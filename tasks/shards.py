@@ -127,7 +127,8 @@ def iter_tar_samples(path) -> Iterator[dict]:
     of each key's first member.
 
     Members sharing a key (`member_key`) form a sample wherever they sit in the tar: webdataset
-    wants them adjacent, but `tar -cf x.tar dir` stores files in directory order. Directories,
+    wants them adjacent, but `tar -cf x.tar dir` stores files in directory order (and a file's
+    second name as a hard link, which is read as the file). Directories,
     img2dataset's `_*` files and hidden or left-behind members (`left_behind`) are skipped. A
     truncated or corrupt tar raises TruncatedTar after the samples that were complete.
     """
@@ -138,7 +139,8 @@ def iter_tar_samples(path) -> Iterator[dict]:
             try:
                 for info in tar:
                     parts = posixpath.normpath(info.name).lstrip("/").split("/")
-                    if info.isfile() and not parts[-1].startswith("_") and not any(map(left_behind, parts)):
+                    wanted = info.isfile() or info.islnk()  # tar stores a file's second name as a hard link
+                    if wanted and not parts[-1].startswith("_") and not any(map(left_behind, parts)):
                         base, ext = member_key(info.name)
                         samples.setdefault(base, []).append((ext.lower(), info))
             except (tarfile.TarError, EOFError, OSError) as err:  # cut short: the members before it are readable

@@ -26,7 +26,7 @@ from PIL import Image
 from tasks import corpus
 from tasks.config import CsvSource, GeneratedSource, ImageFolderSource, InputError, WebdatasetSource
 from tasks.images import Rejected
-from tasks.shards import TruncatedTar, iter_tar_samples, left_behind, member_key
+from tasks.shards import IMAGE_EXTS, TruncatedTar, iter_tar_samples, left_behind, member_key
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9-]+")
 _SYNSET = re.compile(r"^n\d{8}$")  # a WordNet synset id, as ImageNet names its class folders
@@ -114,14 +114,18 @@ def _locate_decode_error(path: Path, encoding: str, source: str) -> None:
     decoder = codecs.getincrementaldecoder(encoding)()
     line = 1
     with open(path, "rb") as f:
+        utf16 = f.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+        f.seek(0)
         for raw in itertools.chain(f, [b""]):  # b"": flush the decoder at the end
             try:
                 line += decoder.decode(raw, final=not raw).count("\n")
             except UnicodeDecodeError as err:
+                hint = "it starts with a UTF-16 byte-order mark: encoding utf-16" if utf16 else \
+                    "e.g. cp1252 for a CSV saved by Excel on Windows, latin-1, utf-16"
                 raise SourceError(
                     f"source {source!r}: {path} line {line}: bytes {err.object[err.start:err.end].hex(' ')} at byte "
                     f"{err.start + 1} of the line are not valid {encoding} ({err.reason}); set this source's "
-                    f"`encoding` in params (e.g. cp1252 for a CSV saved by Excel on Windows, latin-1, utf-16)"
+                    f"`encoding` in params ({hint})"
                 ) from None
 
 
@@ -146,7 +150,10 @@ def _check_csv(src: CsvSource) -> int:
             f"source {src.name!r}: {src.path} lacks column(s) {missing}; header is {header}{bom} "
             f"(set image_column/caption_column/sep in params)"
         )
-    return sum(1 for _ in rows)
+    n = sum(1 for _ in rows)
+    if not n:
+        raise SourceError(f"source {src.name!r}: {src.path} has a header and no row")
+    return n
 
 
 def folder_classes(src: ImageFolderSource) -> list[str]:
@@ -226,6 +233,10 @@ def class_names(src: ImageFolderSource) -> list[str]:
     given; for ImageNet's synset folders (`n07753592`) `imagenet_synset_names`; else the folder
     name with `_` as a space. Raises SourceError naming folders a mapping lacks or names it repeats."""
     folders = folder_classes(src)
+    if src.classnames is None and all(f.isdigit() for f in folders):
+        raise SourceError(f"source {src.name!r}: the class folders of {src.root} are numbers ({folders[:3]}...), "
+                          f"which are no class names for zero-shot prompts; give a classnames file (JSON or CSV of "
+                          f"folder, name: README, Bringing your own data)")
     if src.classnames is None and not all(_SYNSET.match(f) for f in folders):
         return [f.replace("_", " ") for f in folders]
     mapping = _read_class_mapping(src) if src.classnames else imagenet_synset_names()
@@ -285,7 +296,7 @@ def read_partition(src, part: Partition, seed: int, side: int) -> Iterator[RawRe
     elif isinstance(src, CsvSource):
         yield from _read_csv(src, part)
     elif isinstance(src, WebdatasetSource):
-        yield from read_tar(src.name, part.url, part.shard)
+        yield from read_tar(src, part)
     elif isinstance(src, ImageFolderSource):
         files = _folder_files(src)[part.start:part.stop]
         names = eval_metadata(src)["classnames"]
@@ -312,27 +323,31 @@ def _read_csv(src: CsvSource, part: Partition) -> Iterator[RawRecord]:
         yield rec
 
 
-def _tar_record(source: str, url: str, shard: str, sample: dict) -> RawRecord:
+def _tar_record(src: WebdatasetSource, part: Partition, sample: dict) -> RawRecord:
     key = sample["__key__"]
-    rec = RawRecord(f"{source}_{key_part(shard)}_{key_part(key)}", f"{url}:{key}", "train")
-    txt = sample.get("txt")
-    rec.caption = txt.decode("utf-8", errors="replace") if txt is not None else None
-    image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+    rec = RawRecord(f"{src.name}_{key_part(part.shard)}_{key_part(key)}", f"{part.url}:{key}", "train")
+    image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if image_ext is None:
         rec.rejected = Rejected("missing_image", f"members: {sorted(k for k in sample if k != '__key__')}")
     else:
         rec.data = sample[image_ext]
+    if "txt" in sample:
+        try:
+            rec.caption = sample["txt"].decode(src.encoding)
+        except UnicodeDecodeError as err:
+            rec.rejected = Rejected("undecodable_caption", f"bytes {err.object[err.start:err.end].hex(' ')} at byte "
+                                                           f"{err.start + 1} are not valid {src.encoding}")
     return rec
 
 
-def read_tar(source: str, url: str, shard: str) -> Iterator[RawRecord]:
-    """Stream an img2dataset/webdataset tar as records keyed `{source}_{shard}_{member key}` (unique
-    across the source: `shard` is the tar's id from `shard_ids`). A truncated tar ends with one
-    rejected record for the sample being read when it broke, after the samples before it."""
+def read_tar(src: WebdatasetSource, part: Partition) -> Iterator[RawRecord]:
+    """Stream one img2dataset/webdataset tar (`part.url`) as records keyed `{source}_{shard}_{member
+    key}`, unique across the source (`part.shard` is the tar's id from `shard_ids`). A truncated tar
+    ends with one rejected record for the sample being read when it broke, after the samples before it."""
     try:
-        for sample in iter_tar_samples(url):
-            yield _tar_record(source, url, shard, sample)
+        for sample in iter_tar_samples(part.url):
+            yield _tar_record(src, part, sample)
     except TruncatedTar as err:
-        rec = _tar_record(source, url, shard, {"__key__": err.key or "start-of-tar"})
+        rec = _tar_record(src, part, {"__key__": err.key or "start-of-tar"})
         rec.rejected = Rejected("truncated_tar_member", str(err))
         yield rec

@@ -413,3 +413,73 @@ def test_repeated_share_counts_rows_whose_image_another_row_holds(tmp_path):
     csv.write_text("image,caption\n0.png,first\n0.png,second\n1.png,third\n2.png,fourth\n")
     stats = curate.run_sequential(curate_only(tmp_path, [{"kind": "csv", "name": "web", "path": str(csv)}]))
     assert stats["repeated_images"] == {"train": 0.5}
+
+
+def test_a_framework_prefix_shared_by_every_key_is_fitted_to_the_model(tmp_path):
+    from tasks.pretrain import build_model
+
+    model, _, _ = build_model("rn-tiny", "mmcl")
+    torch.save({"state_dict": {"model.clip." + k: v for k, v in model.state_dict().items()}}, tmp_path / "l.ckpt")
+    loaded, _, _ = load_model(tmp_path / "l.ckpt", "rn-tiny")
+    assert torch.equal(loaded.state_dict()["logit_scale"], model.state_dict()["logit_scale"])
+    torch.save({"other." + k: v for k, v in model.state_dict().items() if k != "logit_scale"}, tmp_path / "x.pt")
+    with pytest.raises(EvalError, match=r"missing keys \['logit_scale'\]"):
+        load_model(tmp_path / "x.pt", "rn-tiny")
+
+
+def test_hard_linked_members_are_read_as_their_file(tmp_path):
+    """`tar` stores a second name of the same file as a hard link: the same image under two captions."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "000000.jpg").write_bytes(png_bytes(random_image(1), "JPEG"))
+    (src / "000001.jpg").hardlink_to(src / "000000.jpg")
+    (src / "000000.txt").write_text("a dog on a beach")
+    (src / "000001.txt").write_text("my dog at the sea")
+    subprocess.run(["tar", "-C", str(src), "-cf", str(tmp_path / "00000.tar"), "."], check=True)
+    assert any(m.islnk() for m in tarfile.open(tmp_path / "00000.tar").getmembers())
+    samples = list(iter_tar_samples(tmp_path / "00000.tar"))
+    assert len(samples) == 2 and samples[0]["jpg"] == samples[1]["jpg"]
+
+
+def test_tar_captions_in_another_encoding_are_quarantined_or_read_with_the_option(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_members(shards / "00000.tar", {"0.jpg": png_bytes(random_image(1), "JPEG"), "0.txt": "crème brûlée".encode("cp1252"),
+                                         "1.jpg": png_bytes(random_image(2), "JPEG"), "1.txt": b"plain caption"})
+    web = {"kind": "webdataset", "name": "web", "urls": str(shards / "*.tar")}
+    stats = curate.run_sequential(curate_only(tmp_path / "a", [web]))
+    assert stats["sources"]["web"]["quarantined"] == {"undecodable_caption": 1}
+    detail = pq.read_table(tmp_path / "a" / "data" / "curated" / "quarantine.parquet").column("detail")[0].as_py()
+    assert detail == "bytes e8 at byte 3 are not valid utf-8-sig"
+    params = curate_only(tmp_path / "b", [web | {"encoding": "cp1252"}])
+    curate.run_sequential(params)
+    assert sorted(read_manifest(params.curate.out_dir / "train").column("caption").to_pylist()) == [
+        "crème brûlée", "plain caption"]
+
+
+def test_utf16_csv_without_the_option_is_named_as_utf16(tmp_path):
+    csv = tmp_path / "pairs.csv"
+    csv.write_bytes("image,caption\n0.png,x\n".encode("utf-16"))
+    with pytest.raises(SourceError, match=r"line 1: bytes ff at byte 1 .*UTF-16 byte-order mark: encoding utf-16"):
+        plan([parse_params(tiny_params(tmp_path, [{"kind": "csv", "name": "c", "path": str(csv)}])).curate.sources[1]], 10)
+
+
+def test_empty_sources_and_numbered_class_folders_are_named(tmp_path):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("image,caption\n")
+    with pytest.raises(SourceError, match=r"source 'mine': .*pairs\.csv has a header and no row"):
+        curate.plan_partitions(curate_only(tmp_path, [{"kind": "csv", "name": "mine", "path": str(csv)}]))
+    write_members(tmp_path / "00000.tar", {"_stats.json": b"{}"})
+    with pytest.raises(CurateError, match=r"curate wrote no train sample: source\(s\) \['web'\] hold no sample"):
+        curate.run_sequential(curate_only(tmp_path, [{"kind": "webdataset", "name": "web",
+                                                      "urls": str(tmp_path / "00000.tar")}]))
+    root = image_folder(tmp_path, {"0": 1, "1": 1, "10": 1})  # ImageNetV2's layout: class indices
+    with pytest.raises(SourceError, match=r"class folders of .* are numbers .* give a classnames file"):
+        class_names(folder_source(tmp_path, root))
+
+
+def test_malformed_exif_keeps_the_image_as_stored():
+    im = Image.fromarray(np.full((8, 16, 3), 200, np.uint8))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\xff\xff")  # a directory that runs off the end
+    assert decode_image(buf.getvalue(), 10 ** 6).size == (16, 8)

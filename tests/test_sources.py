@@ -1,15 +1,17 @@
 import pytest
 
 from tasks.config import CsvSource, WebdatasetSource
-from tasks.sources import SourceError, expand_urls, plan, read_tar
+from tasks.sources import Partition, SourceError, expand_urls, plan, read_tar
 from tests.conftest import png_bytes, random_image, write_tar
+
+WEB = WebdatasetSource(kind="webdataset", name="web", urls="unused")
 
 
 def test_truncated_tar_keeps_complete_samples(tmp_path):
     path = tmp_path / "a.tar"
     samples = [{"__key__": f"{i:09d}", "jpg": png_bytes(random_image(i), "JPEG"), "txt": b"caption"} for i in range(3)]
     write_tar(path, samples, truncate_last_at=50)
-    recs = list(read_tar("web", str(path), "a"))
+    recs = list(read_tar(WEB, Partition(0, "web", "train", url=str(path), shard="a")))
     assert [r.key for r in recs] == ["web_a_000000000", "web_a_000000001", "web_a_000000002"]
     assert [r.rejected is None for r in recs] == [True, True, False]
     assert recs[-1].rejected.reason == "truncated_tar_member"
@@ -18,7 +20,7 @@ def test_truncated_tar_keeps_complete_samples(tmp_path):
 def test_tar_sample_without_image_is_rejected(tmp_path):
     path = tmp_path / "a.tar"
     write_tar(path, [{"__key__": "000000001", "txt": b"only a caption"}])
-    (rec,) = read_tar("web", str(path), "a")
+    (rec,) = read_tar(WEB, Partition(0, "web", "train", url=str(path), shard="a"))
     assert rec.rejected.reason == "missing_image" and rec.caption == "only a caption"
 
 
