@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -26,14 +27,34 @@ def params_from_argv(description: str, argv: list[str] | None = None) -> Params:
         raise SystemExit(2) from None
 
 
+class _InputErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback; for bad input the message is the
+    whole story (the traceback points into our code and Prefect's, not at the user's file)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], InputError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
 @contextmanager
 def input_errors():
-    """A stage command's bad input (InputError) ends it with one line on stderr and exit 1."""
+    """A stage command's bad input (InputError) ends it with one line on stderr and exit 1, and
+    Prefect's log lines about it come without a traceback."""
+    quiet = _InputErrorsWithoutTraceback()
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    handlers = {h for lg in loggers for h in lg.handlers}
+    for handler in handlers:
+        handler.addFilter(quiet)
     try:
         yield
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def make_task_runner(cfg: RunnerConfig):

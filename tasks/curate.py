@@ -130,41 +130,42 @@ def finalize(params: Params, results: list[dict]) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     results = sorted(results, key=lambda r: r["partition"])
 
-    # Dedup across partitions: the first occurrence in plan order is kept.
-    seen: dict[str, dict[bytes, str]] = {}
+    # Dedup across partitions (the first occurrence in plan order is kept) and number the shards per
+    # output folder in plan order. Staging is only read, never changed: a shard that loses duplicates
+    # is rewritten into `partial`, so a rerun after a failure finds each partition as its marker says.
+    first: dict[str, dict[bytes, str]] = {}
     duplicates = []
-    for res in results:
-        group = seen.setdefault(_output_group(res), {})
-        for shard in res["shards"]:
-            tar_path = stage / shard["tar"]
-            m = pq.read_table(tar_path.with_suffix(".parquet"), columns=["key", "sha256", "caption"]).to_pylist()
-            drop = set()
-            for row in m:
-                digest = _dedup_digest(row["sha256"], row["caption"])
-                if digest in group:
-                    drop.add(row["key"])
-                    duplicates.append(dict(source=res["source"], key=row["key"], origin=str(tar_path.name),
-                                           split=res["split"], reason="duplicate",
-                                           detail=f"same image and caption as {group[digest]}"))
-                else:
-                    group[digest] = row["key"]
-            if drop:
-                shard["n"] = rewrite_shard(tar_path, tar_path, lambda s, drop=drop: None if s["__key__"] in drop else s)
-
-    # Number the shards per output folder, in plan order.
     sizes: dict[str, dict[str, int]] = {}
     for res in results:
         group = _output_group(res)
+        kept, names = first.setdefault(group, {}), sizes.setdefault(group, {})
         dest = partial / group
         dest.mkdir(parents=True, exist_ok=True)
-        names = sizes.setdefault(group, {})
         for shard in res["shards"]:
-            if shard["n"] == 0:
+            staged, name = stage / shard["tar"], f"shard-{len(names):06d}.tar"
+            rows = pq.read_table(staged.with_suffix(".parquet"), columns=["key", "sha256", "caption"]).to_pylist()
+            firsts = {r["key"]: kept.setdefault(_dedup_digest(r["sha256"], r["caption"]), r["key"]) for r in rows}
+            drop = {key: first for key, first in firsts.items() if key != first}  # key -> the key it repeats
+            if not drop:
+                link_or_copy(staged, dest / name)
+                link_or_copy(staged.with_suffix(".parquet"), (dest / name).with_suffix(".parquet"))
+                names[name] = shard["n"]
                 continue
-            name = f"shard-{len(names):06d}.tar"
-            link_or_copy(stage / shard["tar"], dest / name)
-            link_or_copy((stage / shard["tar"]).with_suffix(".parquet"), (dest / name).with_suffix(".parquet"))
-            names[name] = shard["n"]
+
+            def unless_repeated(sample, drop=drop, res=res):
+                if sample["__key__"] not in drop:
+                    return sample
+                duplicates.append(dict(source=res["source"], key=sample["__key__"], split=res["split"],
+                                       origin=json.loads(sample["json"])["origin"], reason="duplicate",
+                                       detail=f"same image and caption as {drop[sample['__key__']]}"))
+                return None
+
+            n = rewrite_shard(staged, dest / name, unless_repeated)
+            if n:
+                names[name] = n
+            else:
+                (dest / name).unlink()
+                (dest / name).with_suffix(".parquet").unlink()
     for group, names in sizes.items():
         atomic_write_json(partial / group / "sizes.json", names)
     for src in cfg.sources:

@@ -43,7 +43,13 @@ def _unreadable(path: Path, err: Exception) -> str:
     if pickled:
         return (f"{path} holds a pickled {pickled.group(1)} object, not a state_dict; objects are never unpickled "
                 f"from files (that runs code); {_EXPORT_HINT}")
-    return f"{path} is not a readable torch checkpoint (truncated or not a checkpoint?): {str(err).splitlines()[0][:200]}"
+    if path.stat().st_size == 0:
+        return f"{path} is not a readable torch checkpoint: the file is empty"
+    # torch's own advice (load with weights_only=False) would run the file's code: show only what failed
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and "weights_only" not in line]
+    cause = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0] if lines else "")
+    return (f"{path} is not a readable torch checkpoint (truncated, damaged or not a checkpoint): "
+            f"{type(err).__name__} {cause[:200]}").rstrip()
 
 
 def read_state_dict(path: Path) -> dict:

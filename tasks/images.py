@@ -101,7 +101,8 @@ def clean_caption(text: str | None, min_chars: int, max_chars: int) -> tuple[str
     Captions over max_chars are cut at the last word boundary (web captions run long; the
     tokenizer truncates anyway), captions under min_chars after cleaning are rejected.
     """
-    text = text or ""
+    if text is None:
+        raise Rejected("empty_caption", "no caption given (no txt member, or an empty CSV cell)")
     if not text.isascii() or "&" in text:  # ftfy fixes mojibake and HTML entities; plain ASCII has neither
         text = ftfy.fix_text(text)
     text = _SPACE.sub(" ", text).strip()

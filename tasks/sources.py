@@ -26,7 +26,7 @@ from PIL import Image
 from tasks import corpus
 from tasks.config import CsvSource, GeneratedSource, ImageFolderSource, InputError, WebdatasetSource
 from tasks.images import Rejected
-from tasks.shards import IMAGE_EXTS, TruncatedTar, iter_tar_samples, left_behind, member_key
+from tasks.shards import IMAGE_EXTS, TruncatedTar, iter_tar_samples, left_behind
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9-]+")
 _SYNSET = re.compile(r"^n\d{8}$")  # a WordNet synset id, as ImageNet names its class folders
@@ -74,25 +74,29 @@ def key_part(text: str) -> str:
 
 
 def shard_ids(urls: list[str]) -> list[str]:
-    """Each tar's path below the folder common to all `urls`, without extensions (webdataset's key
-    rule): `/d/00001.tar` -> `00001`, and `a/00001`, `b/00001` when two folders share tar names."""
+    """Each tar's path below the folder common to all `urls`, without a `.tar` ending: `/d/00001.tar`
+    -> `00001`, `a/00001` and `b/00001` when two folders share tar names, `shard.000` and
+    `00000.tar.gz` as they are. Distinct urls give distinct ids."""
     common = os.path.commonpath([os.path.dirname(os.path.abspath(u)) for u in urls])
-    return [member_key(os.path.relpath(os.path.abspath(u), common).replace(os.sep, "/"))[0] for u in urls]
+    paths = [os.path.relpath(os.path.abspath(u), common).replace(os.sep, "/") for u in urls]
+    ids = [p.removesuffix(".tar") for p in paths]
+    return ids if len(set(ids)) == len(ids) else paths  # `x` beside `x.tar`: keep the names whole
 
 
 def expand_urls(pattern: str) -> list[str]:
-    """Brace-expand then glob; every concrete (non-glob) path must exist."""
+    """Brace-expand then glob (`**` spans folders); every concrete (non-glob) path must exist. A tar
+    that several parts of the pattern name is read once."""
     urls: list[str] = []
     for part in braceexpand(pattern):
         if glob.has_magic(part):
-            urls.extend(sorted(glob.glob(part)))
+            urls.extend(sorted(glob.glob(part, recursive=True)))
         elif os.path.isfile(part):
             urls.append(part)
         else:
             raise SourceError(f"webdataset shard not found: {part} (from urls {pattern!r})")
     if not urls:
         raise SourceError(f"webdataset urls {pattern!r} match no file")
-    return urls
+    return list(dict.fromkeys(urls))
 
 
 def _text_lines(path: Path, encoding: str, source: str) -> Iterator[str]:
@@ -103,7 +107,7 @@ def _text_lines(path: Path, encoding: str, source: str) -> Iterator[str]:
     try:
         with open(path, newline="", encoding=encoding) as f:
             yield from f
-    except UnicodeDecodeError:
+    except UnicodeError:
         _locate_decode_error(path, encoding, source)
         raise
 
@@ -114,19 +118,23 @@ def _locate_decode_error(path: Path, encoding: str, source: str) -> None:
     decoder = codecs.getincrementaldecoder(encoding)()
     line = 1
     with open(path, "rb") as f:
-        utf16 = f.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+        head = f.read(256)
         f.seek(0)
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            hint = "it starts with a UTF-16 byte-order mark: encoding utf-16"
+        elif b"\0" in head:
+            hint = "it holds NUL bytes, as UTF-16 without a byte-order mark does: utf-16-le or utf-16-be"
+        else:
+            hint = "e.g. cp1252 for a CSV saved by Excel on Windows, latin-1, utf-16"
         for raw in itertools.chain(f, [b""]):  # b"": flush the decoder at the end
             try:
                 line += decoder.decode(raw, final=not raw).count("\n")
-            except UnicodeDecodeError as err:
-                hint = "it starts with a UTF-16 byte-order mark: encoding utf-16" if utf16 else \
-                    "e.g. cp1252 for a CSV saved by Excel on Windows, latin-1, utf-16"
-                raise SourceError(
-                    f"source {source!r}: {path} line {line}: bytes {err.object[err.start:err.end].hex(' ')} at byte "
-                    f"{err.start + 1} of the line are not valid {encoding} ({err.reason}); set this source's "
-                    f"`encoding` in params ({hint})"
-                ) from None
+            except UnicodeError as err:
+                where = f"bytes {err.object[err.start:err.end].hex(' ')} at byte {err.start + 1} of the line are not " \
+                    f"valid {encoding} ({err.reason})" if isinstance(err, UnicodeDecodeError) else \
+                    f"not valid {encoding} ({err})"
+                raise SourceError(f"source {source!r}: {path} line {line}: {where}; set this source's `encoding` in "
+                                  f"params ({hint})") from None
 
 
 def _csv_lines(src: CsvSource) -> Iterator[str]:
@@ -144,10 +152,11 @@ def _check_csv(src: CsvSource) -> int:
     header = next(rows, [])
     missing = [c for c in (src.image_column, src.caption_column) if c not in header]
     if missing:
-        bom = header and header[0].startswith("\ufeff")
-        bom = " (the file starts with a byte-order mark: use encoding utf-8-sig)" if bom else ""
+        text = "".join(header)
+        hint = " (the file starts with a byte-order mark: use encoding utf-8-sig)" if text.startswith("\ufeff") else \
+            " (it holds NUL bytes, as UTF-16 text does: use encoding utf-16-le or utf-16-be)" if "\0" in text else ""
         raise SourceError(
-            f"source {src.name!r}: {src.path} lacks column(s) {missing}; header is {header}{bom} "
+            f"source {src.name!r}: {src.path} lacks column(s) {missing}; header is {header}{hint} "
             f"(set image_column/caption_column/sep in params)"
         )
     n = sum(1 for _ in rows)
@@ -230,17 +239,20 @@ def _read_class_mapping(src: ImageFolderSource) -> dict[str, str]:
 
 def class_names(src: ImageFolderSource) -> list[str]:
     """Class names of an image folder in class-index order: from the source's `classnames` file when
-    given; for ImageNet's synset folders (`n07753592`) `imagenet_synset_names`; else the folder
-    name with `_` as a space. Raises SourceError naming folders a mapping lacks or names it repeats."""
+    given; else `imagenet_synset_names` for folders named by a synset id (`n07753592`) and the
+    folder name with `_` as a space for others. Raises SourceError naming folders a mapping lacks,
+    names it repeats, or class folders that are only numbers."""
     folders = folder_classes(src)
     if src.classnames is None and all(f.isdigit() for f in folders):
         raise SourceError(f"source {src.name!r}: the class folders of {src.root} are numbers ({folders[:3]}...), "
                           f"which are no class names for zero-shot prompts; give a classnames file (JSON or CSV of "
                           f"folder, name: README, Bringing your own data)")
-    if src.classnames is None and not all(_SYNSET.match(f) for f in folders):
-        return [f.replace("_", " ") for f in folders]
-    mapping = _read_class_mapping(src) if src.classnames else imagenet_synset_names()
-    where = src.classnames or "ImageNet-21k's synset ids"
+    if src.classnames is not None:
+        mapping, where = _read_class_mapping(src), src.classnames
+    else:  # synset folders by ImageNet's names, the others by their own
+        synsets = imagenet_synset_names() if any(_SYNSET.match(f) for f in folders) else {}
+        mapping = {f: synsets.get(f, "") if _SYNSET.match(f) else f.replace("_", " ") for f in folders}
+        where = "ImageNet-21k's synset ids"
     missing = [f for f in folders if not mapping.get(f)]
     if missing:
         raise SourceError(f"source {src.name!r}: no class name for folder(s) {missing[:10]} of {src.root} in {where}"
@@ -334,9 +346,10 @@ def _tar_record(src: WebdatasetSource, part: Partition, sample: dict) -> RawReco
     if "txt" in sample:
         try:
             rec.caption = sample["txt"].decode(src.encoding)
-        except UnicodeDecodeError as err:
+        except UnicodeError as err:
             rec.rejected = Rejected("undecodable_caption", f"bytes {err.object[err.start:err.end].hex(' ')} at byte "
-                                                           f"{err.start + 1} are not valid {src.encoding}")
+                                                           f"{err.start + 1} are not valid {src.encoding}"
+                                    if isinstance(err, UnicodeDecodeError) else f"not valid {src.encoding}: {err}")
     return rec
 
 

@@ -14,20 +14,26 @@ from pathlib import Path
 
 import pandas as pd
 
+from tasks.config import InputError
+
 SUITES_DIR = Path(__file__).resolve().parent.parent / "expectations"
 SAMPLE_ROWS = 10
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(InputError):
+    """Data that failed its suite: one line per failed expectation with up to 5 offending row ids
+    (all sampled rows are in the report) and the params keys that govern it."""
+
     def __init__(self, reports: list[dict]):
         self.reports = reports
         lines = ["data validation failed:"]
         for rep in reports:
             for r in rep["results"]:
                 if not r["success"]:
+                    ids = [row.get(rep["id_column"], row) if isinstance(row, dict) else row for row in r["sample_rows"]]
                     governed = f" (set by params {', '.join(r['params'])})" if r["params"] else ""
                     lines.append(f"  [{rep['suite']} on {rep['data']}] {r['expectation']}({r['kwargs']}): "
-                                 f"{r['unexpected_count']} offending row(s), e.g. {r['sample_rows']}{governed}")
+                                 f"{r['unexpected_count']} offending row(s), e.g. {rep['id_column']} {ids[:5]}{governed}")
         super().__init__("\n".join(lines))
 
 
@@ -75,7 +81,7 @@ def validate(df: pd.DataFrame, suite: str, parameters: dict, data: str, id_colum
             "exception": (r.get("exception_info") or {}).get("exception_message"),
             "params": (cfg.get("meta") or {}).get("params", []),
         })
-    return {"suite": suite, "data": data, "rows": len(df), "parameters": parameters,
+    return {"suite": suite, "data": data, "rows": len(df), "parameters": parameters, "id_column": id_column,
             "success": bool(result["success"]), "results": results}
 
 

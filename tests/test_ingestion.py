@@ -3,6 +3,7 @@ encodings, ImageNet synset folders and name mappings, image-folder hygiene, chec
 the same image under several captions. Each input is a small file made here."""
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -483,3 +484,75 @@ def test_malformed_exif_keeps_the_image_as_stored():
     buf = io.BytesIO()
     im.save(buf, "JPEG", exif=b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\xff\xff")  # a directory that runs off the end
     assert decode_image(buf.getvalue(), 10 ** 6).size == (16, 8)
+
+
+def test_tar_names_with_dots_or_other_endings_keep_keys_unique(tmp_path):
+    for name in ("shard.000.tar", "shard.001.tar", "00000.tar", "00000.tar.gz", "nested/deeper/00000.tar"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        mode = "w:gz" if name.endswith(".gz") else "w"
+        with tarfile.open(tmp_path / name, mode) as tar:
+            for ext, data in (("jpg", png_bytes(random_image(len(name)), "JPEG")), ("txt", name.encode())):
+                info = tarfile.TarInfo(f"000001.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    params = curate_only(tmp_path, [{"kind": "webdataset", "name": "web",
+                                     "urls": str(tmp_path / "{*.tar,*.tar.gz,**/*.tar,00000.tar}")}])
+    stats = curate.run_sequential(params)
+    assert stats["sources"]["web"] == {"seen": 5, "written": 5, "quarantined": {}, "captions_truncated": 0}
+    keys = read_manifest(params.curate.out_dir / "train").column("key").to_pylist()
+    assert len(set(keys)) == 5 and "web_00000_000001" in keys and "web_shard-000-" in " ".join(keys)
+
+
+def test_a_rerun_after_a_failure_past_finalize_equals_a_fresh_run(tmp_path):
+    """Duplicates across partitions, then a validation failure: the rerun with a looser setting reuses the
+    staged partitions and publishes what an uninterrupted run does, byte for byte and count for count."""
+    write_csv_images(tmp_path, 4)
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("image,caption\n0.png,zero\n1.png,one\n2.png,two\n3.png,three\n0.png,zero\n1.png,one again\n"
+                   "2.png,two\n")
+    source = {"kind": "csv", "name": "mine", "path": str(csv)}
+    from tasks.validation import ValidationFailed
+
+    with pytest.raises(ValidationFailed):
+        curate.run_sequential(curate_only(tmp_path / "a", [source], shard_maxcount=3,
+                                          validation={"sha256_unique_mostly": 1.0}))
+    again = curate.run_sequential(curate_only(tmp_path / "a", [source], shard_maxcount=3))
+    fresh = curate.run_sequential(curate_only(tmp_path / "b", [source], shard_maxcount=3))
+    for stats in (again, fresh):
+        assert stats["total"] == {"seen": 7, "written": 5, "quarantined": {"duplicate": 2}}
+    outs = [tmp_path / run / "data" / "curated" for run in ("a", "b")]
+    assert [json.loads((o / "train" / "sizes.json").read_text()) for o in outs] == [
+        {"shard-000000.tar": 3, "shard-000001.tar": 2}] * 2  # the third partition held only a duplicate
+    for name in ("shard-000000.tar", "shard-000001.tar", "quarantine.parquet"):
+        sub = "" if name.endswith(".parquet") else "train"
+        assert (outs[0] / sub / name).read_bytes() == (outs[1] / sub / name).read_bytes(), name
+    origins = pq.read_table(outs[0] / "quarantine.parquet").column("origin").to_pylist()
+    assert origins == [f"{csv}:6:0.png", f"{csv}:8:2.png"]  # the source's file and line, not a staging name
+
+
+def test_utf16_without_a_byte_order_mark_and_mixed_folders(tmp_path):
+    csv = tmp_path / "pairs.csv"
+    csv.write_bytes("image,caption\n0.png,x\n".encode("utf-16-le"))
+    src = {"kind": "csv", "name": "c", "path": str(csv)}
+    with pytest.raises(SourceError, match=r"line 1: .*not valid utf-16 \(UTF-16 stream does not start with BOM\)"):
+        plan([parse_params(tiny_params(tmp_path, [src | {"encoding": "utf-16"}])).curate.sources[1]], 10)
+    with pytest.raises(SourceError, match=r"lacks column.*NUL bytes, as UTF-16 text does: use encoding utf-16-le"):
+        plan([parse_params(tiny_params(tmp_path, [src])).curate.sources[1]], 10)
+    root = image_folder(tmp_path, {"n07753592": 1, "my_dog": 1})
+    assert class_names(folder_source(tmp_path, root)) == ["my dog", "banana"]
+
+
+def test_stage_command_reports_bad_input_without_tracebacks(tmp_path, prefect_api_url):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("image,caption\nmissing.png,a caption\n")
+    raw = tiny_params(tmp_path, [])
+    raw["curate"]["sources"] = [{"kind": "csv", "name": "mine", "path": str(csv)}]
+    (tmp_path / "params.yaml").write_text(json.dumps(raw))
+    done = subprocess.run([sys.executable, "-m", "flows.curate", "--params", str(tmp_path / "params.yaml")], cwd=REPO,
+                          env=dict(os.environ, PREFECT_API_URL=prefect_api_url), capture_output=True, text=True,
+                          timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in out, out
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: curate wrote no train sample: all 1 sample(s) of source(s) ['mine'] were quarantined "
+        f"(missing_file=1); see {tmp_path / 'data' / 'curated.partial' / 'quarantine.parquet'}")
