@@ -42,9 +42,6 @@ if __name__ == "__main__":
     extra.add_argument("--model", help="its open_clip model name (default: model_config.json beside it)")
     args, rest = extra.parse_known_args()
     params = params_from_argv(__doc__, rest)
-    with input_errors():
-        if args.checkpoint:  # an unreadable file fails here in one line, before Prefect starts
-            evaluate.read_state_dict(args.checkpoint)
     with input_errors(), prefect_api():
         if args.checkpoint:
             print(json.dumps(checkpoint_flow(params, args.checkpoint, args.model), indent=2))

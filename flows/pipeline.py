@@ -14,7 +14,7 @@ import time
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import input_errors, params_from_argv, prefect_api
+from flows.common import params_from_argv, prefect_api
 from tasks import report
 from tasks.config import Params
 
@@ -60,7 +60,7 @@ def pipeline_flow(params: Params) -> dict:
 
 if __name__ == "__main__":
     params = params_from_argv(__doc__)
-    with input_errors(), prefect_api():
+    with prefect_api():
         result = pipeline_flow(params)
     for s in result["stages"]:
         print(f"{s['stage']:>18}: {'ran' if s['ran'] else 'up to date'} ({s['seconds']:.0f} s)")

@@ -6,7 +6,6 @@ with the dotted key and what was expected, before any stage does work.
 """
 from __future__ import annotations
 
-import codecs
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -60,7 +59,7 @@ class TextSource(Strict):
     @classmethod
     def _known_codec(cls, value: str) -> str:
         try:
-            codecs.lookup(value)
+            "".encode(value)  # LookupError also for codecs that are not text encodings (hex, zlib)
         except LookupError:
             raise ValueError(f"unknown text encoding {value!r} (a Python codec name: utf-8-sig, cp1252, latin-1, "
                              f"utf-16, ...)") from None
@@ -87,8 +86,9 @@ class WebdatasetSource(TextSource):
     urls: Annotated[str, Field(min_length=1)]
 
 
-class ImageFolderSource(Strict):
-    """ImageNet layout (root/<class>/<image>): becomes a labelled eval set."""
+class ImageFolderSource(TextSource):
+    """ImageNet layout (root/<class>/<image>): becomes a labelled eval set; `encoding` is that of the
+    `classnames` file."""
 
     kind: Literal["image_folder"]
     name: Annotated[str, Field(pattern=SOURCE_NAME)]

@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 from tasks.config import InputError, Params
 from tasks.images import Rejected, clean_caption, decode_image, encode_image, resize
 from tasks.shards import (
-    MANIFEST_SCHEMA, ShardSink, atomic_write_json, link_or_copy, read_manifest, rewrite_shard, swap_into_place, write_table,
+    MANIFEST_SCHEMA, ShardSink, atomic_write_bytes, atomic_write_json, link_or_copy, read_manifest, rewrite_shard,
+    swap_into_place, write_table,
 )
 from tasks.sources import Partition, eval_metadata, plan, read_partition
 
@@ -36,8 +37,8 @@ QUARANTINE_SCHEMA = pa.schema([
 
 
 # Curate settings that do not change what a partition computes: a rerun after changing them reuses
-# finished partitions.
-_NOT_COMPUTED = {"out_dir", "staging_dir", "runner", "validation"}
+# finished partitions. (out_dir does not either, but two outputs must not share a staging area.)
+_NOT_COMPUTED = {"staging_dir", "runner", "validation"}
 
 
 class CurateError(InputError):
@@ -45,14 +46,15 @@ class CurateError(InputError):
 
 
 def fingerprint(params: Params) -> str:
-    """Identifies the staging area: a change of seed or of a curate setting that changes the
-    computed samples starts afresh (paths, runner and validation settings do not)."""
+    """Identifies the staging area: a change of seed, output folder or of a curate setting that
+    changes the computed samples starts afresh (runner and validation settings do not)."""
     blob = json.dumps({"seed": params.seed, "curate": params.curate.model_dump(mode="json", exclude=_NOT_COMPUTED)},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 _STAGING_NAME = re.compile(r"^[0-9a-f]{16}$")  # a fingerprint
+_OWNER = "out_dir.txt"  # in a staging area: the output folder it builds
 
 
 def staging_dir(params: Params) -> Path:
@@ -60,7 +62,11 @@ def staging_dir(params: Params) -> Path:
 
 
 def plan_partitions(params: Params) -> list[Partition]:
-    return plan(params.curate.sources, params.curate.shard_maxcount)
+    """The partitions to curate (sources checked first); marks the staging area with its output folder."""
+    parts = plan(params.curate.sources, params.curate.shard_maxcount)
+    staging_dir(params).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(staging_dir(params) / _OWNER, str(params.curate.out_dir.resolve()).encode())
+    return parts
 
 
 def _dedup_digest(image_sha: str, caption: str) -> bytes:
@@ -246,12 +252,15 @@ def manifests(partial: Path) -> dict[str, "pa.Table"]:
 
 
 def publish(params: Params, partial: Path) -> Path:
-    """Swap the validated `<out>.partial` into place and drop the staging areas: this run's and
-    those that failed runs with other settings left behind."""
+    """Swap the validated `<out>.partial` into place and drop the staging areas of this output folder:
+    this run's and those that failed runs with other settings left behind (another output folder's
+    are kept: it may be running or resume)."""
     out = swap_into_place(partial, params.curate.out_dir)
-    root = params.curate.staging_dir
+    root, mine = params.curate.staging_dir, str(out.resolve()).encode()
     for stale in root.iterdir() if root.is_dir() else ():
-        if _STAGING_NAME.match(stale.name):
+        owner = stale / _OWNER
+        if _STAGING_NAME.match(stale.name) and (stale == staging_dir(params) or owner.is_file()
+                                                and owner.read_bytes() == mine):
             shutil.rmtree(stale, ignore_errors=True)
     return out
 

@@ -102,7 +102,7 @@ def clean_caption(text: str | None, min_chars: int, max_chars: int) -> tuple[str
     tokenizer truncates anyway), captions under min_chars after cleaning are rejected.
     """
     if text is None:
-        raise Rejected("empty_caption", "no caption given (no txt member, or an empty CSV cell)")
+        raise Rejected("empty_caption", "no caption (no txt member, or a CSV row short of columns)")
     if not text.isascii() or "&" in text:  # ftfy fixes mojibake and HTML entities; plain ASCII has neither
         text = ftfy.fix_text(text)
     text = _SPACE.sub(" ", text).strip()

@@ -1,12 +1,19 @@
 """Byte-reproducible webdataset shards with a parquet manifest beside each tar."""
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import itertools
 import json
+import lzma
 import os
 import posixpath
 import shutil
 import tarfile
+import tempfile
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -98,14 +105,16 @@ class ShardSink:
 class TruncatedTar(Exception):
     """A tar that ends or breaks inside `key` (None: before the first sample)."""
 
-    def __init__(self, key: str | None, cause: Exception):
-        super().__init__(f"{type(cause).__name__}: {cause}")
+    def __init__(self, key: str | None, detail: str):
+        super().__init__(detail)
         self.key = key
 
 
 # Members that tools leave in archives and folders (macOS resource forks and metadata, Windows
 # thumbnails, Synology indexes): never samples or classes.
 LEFT_BEHIND = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir"})
+_COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ": lzma.open}  # magic bytes -> opener
+_READ_ERRORS = (tarfile.TarError, EOFError, OSError, KeyError, zlib.error, lzma.LZMAError)  # KeyError: a lost link
 
 
 def left_behind(name: str) -> bool:
@@ -122,35 +131,96 @@ def member_key(path: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
-def iter_tar_samples(path) -> Iterator[dict]:
+def _is_sample_member(info: tarfile.TarInfo, key: str, ext: str) -> bool:
+    """A regular file or hard link (tar's second name for a file) with an extension, that is not
+    img2dataset's `_*` metadata nor hidden or left behind (`left_behind`); as webdataset, a member
+    without an extension is no part of a sample."""
+    folders, _, stem = key.rpartition("/")
+    return ((info.isfile() or info.islnk()) and bool(ext) and not stem.startswith("_")
+            and not left_behind(f"{stem}.{ext}") and "__MACOSX" not in folders.split("/"))
+
+
+@contextmanager
+def _seekable(path) -> Iterator[tuple[object, str | None]]:
+    """(file object to read the tar from at random, damage found on the way): the file itself, or for
+    a gzip/bzip2/xz tar its content decompressed once into a temporary file (seeking backwards in a
+    compressed stream decompresses it again from the start)."""
+    with open(path, "rb") as raw:
+        opener = next((o for magic, o in _COMPRESSED.items() if raw.read(6).startswith(magic)), None)
+        raw.seek(0)
+        if opener is None:
+            yield raw, None
+            return
+        with tempfile.TemporaryFile() as plain:
+            damage = None
+            try:
+                shutil.copyfileobj(opener(raw), plain, 1 << 20)
+            except _READ_ERRORS as err:  # cut short: keep what decompressed
+                damage = f"{type(err).__name__} while decompressing: {err}"
+            plain.seek(0)
+            yield plain, damage
+
+
+def _trailing_damage(tar: tarfile.TarFile) -> str | None:
+    """What is wrong after the last member tarfile read, if anything: a tar ends in zero blocks
+    (at least one, then padding); tarfile stops quietly at a missing marker or a broken header."""
+    tar.fileobj.seek(tar.offset)
+    rest = iter(lambda: tar.fileobj.read(1 << 20), b"")
+    first = next(rest, b"")
+    if len(first) < tarfile.BLOCKSIZE:
+        return "the tar ends without its end-of-archive marker: cut short"
+    if any(chunk.strip(b"\0") for chunk in itertools.chain([first], rest)):
+        return f"unreadable header at byte {tar.offset}: the members after it are lost"
+    return None
+
+
+def iter_tar_samples(path, keep_going: bool = False) -> Iterator[dict]:
     """Read a webdataset tar as {"__key__": key, ext: bytes, ...}, one dict per sample, in the order
     of each key's first member.
 
     Members sharing a key (`member_key`) form a sample wherever they sit in the tar: webdataset
     wants them adjacent, but `tar -cf x.tar dir` stores files in directory order (and a file's
-    second name as a hard link, which is read as the file). Directories,
-    img2dataset's `_*` files and hidden or left-behind members (`left_behind`) are skipped. A
-    truncated or corrupt tar raises TruncatedTar after the samples that were complete.
+    second name as a hard link, which is read as the file). Members that are no part of a sample
+    are skipped (`_is_sample_member`). Compressed tars (gzip, bzip2, xz) are read too.
+
+    A damaged tar (cut short, a broken member header, a member that cannot be read) raises
+    TruncatedTar naming the damaged sample: the one whose member could not be read, or the last one
+    read before the damage, which may have lost members. With `keep_going`, that sample is yielded
+    as {"__key__": key, "__damaged__": what failed} and the others are read on.
     """
-    key, damage = None, None
-    try:
-        with tarfile.open(path, mode="r:*") as tar:  # random access: headers first, then each sample's members
-            samples: dict[str, list[tuple[str, tarfile.TarInfo]]] = {}
-            try:
-                for info in tar:
-                    parts = posixpath.normpath(info.name).lstrip("/").split("/")
-                    wanted = info.isfile() or info.islnk()  # tar stores a file's second name as a hard link
-                    if wanted and not parts[-1].startswith("_") and not any(map(left_behind, parts)):
-                        base, ext = member_key(info.name)
-                        samples.setdefault(base, []).append((ext.lower(), info))
-            except (tarfile.TarError, EOFError, OSError) as err:  # cut short: the members before it are readable
-                damage = err
-            for key, members in samples.items():
-                yield {"__key__": key} | {ext: tar.extractfile(info).read() for ext, info in members}
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise TruncatedTar(key, err) from err
-    if damage is not None:  # the cut fell after the last complete sample's data
-        raise TruncatedTar("end-of-tar", damage)
+    def damaged(key: str | None, detail: str) -> dict:
+        if not keep_going:
+            raise TruncatedTar(key, detail)
+        return {"__key__": key or "start-of-tar", "__damaged__": detail}
+
+    samples: dict[str, list[tuple[str, tarfile.TarInfo]]] = {}
+    last = None  # key of the last member read: the sample a cut or a broken header may have hit
+    with _seekable(path) as (fileobj, damage):
+        try:
+            with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+                try:
+                    for info in tar:
+                        key, ext = member_key(info.name)
+                        if _is_sample_member(info, key, ext):
+                            samples.setdefault(key, []).append((ext.lower(), info))
+                            last = key
+                    damage = damage or _trailing_damage(tar)
+                except _READ_ERRORS as err:
+                    damage = f"{type(err).__name__}: {err}"
+                for key, members in samples.items():
+                    if damage and key == last:
+                        yield damaged(key, damage)
+                        continue
+                    try:
+                        sample = {"__key__": key} | {ext: tar.extractfile(info).read() for ext, info in members}
+                    except _READ_ERRORS as err:
+                        yield damaged(key, f"{type(err).__name__}: {err}")
+                        continue
+                    yield sample
+        except tarfile.ReadError as err:  # not even a first header
+            damage = f"ReadError: {err}"
+        if damage and last is None:
+            yield damaged(None, damage)
 
 
 def rewrite_shard(src: Path, dest: Path, transform) -> int:
@@ -177,9 +247,9 @@ def rewrite_shard(src: Path, dest: Path, transform) -> int:
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
-def image_ext(sample: dict) -> str:
-    """The extension under which a webdataset sample holds its image."""
-    return next(e for e in IMAGE_EXTS if e in sample)
+def image_ext(sample: dict) -> str | None:
+    """The extension under which a webdataset sample holds its image (None: it has none)."""
+    return next((e for e in IMAGE_EXTS if e in sample), None)
 
 
 def decode_sample_image(sample: dict):

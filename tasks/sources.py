@@ -13,8 +13,10 @@ import glob
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,10 +28,11 @@ from PIL import Image
 from tasks import corpus
 from tasks.config import CsvSource, GeneratedSource, ImageFolderSource, InputError, WebdatasetSource
 from tasks.images import Rejected
-from tasks.shards import IMAGE_EXTS, TruncatedTar, iter_tar_samples, left_behind
+from tasks.shards import image_ext, iter_tar_samples, left_behind
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9-]+")
 _SYNSET = re.compile(r"^n\d{8}$")  # a WordNet synset id, as ImageNet names its class folders
+log = logging.getLogger(__name__)
 
 
 class SourceError(InputError):
@@ -44,7 +47,7 @@ class Partition:
     start: int = 0
     stop: int = 0
     url: str = ""  # webdataset: one input tar per partition
-    shard: str = ""  # webdataset: the tar's path below the source's common folder, without extensions
+    shard: str = ""  # webdataset: the tar's id within its source (`shard_ids`)
 
 
 @dataclass
@@ -76,16 +79,16 @@ def key_part(text: str) -> str:
 def shard_ids(urls: list[str]) -> list[str]:
     """Each tar's path below the folder common to all `urls`, without a `.tar` ending: `/d/00001.tar`
     -> `00001`, `a/00001` and `b/00001` when two folders share tar names, `shard.000` and
-    `00000.tar.gz` as they are. Distinct urls give distinct ids."""
-    common = os.path.commonpath([os.path.dirname(os.path.abspath(u)) for u in urls])
-    paths = [os.path.relpath(os.path.abspath(u), common).replace(os.sep, "/") for u in urls]
+    `00000.tar.gz` as they are. Urls of distinct files (`expand_urls`) give distinct ids."""
+    common = os.path.commonpath([os.path.dirname(os.path.realpath(u)) for u in urls])
+    paths = [os.path.relpath(os.path.realpath(u), common).replace(os.sep, "/") for u in urls]
     ids = [p.removesuffix(".tar") for p in paths]
     return ids if len(set(ids)) == len(ids) else paths  # `x` beside `x.tar`: keep the names whole
 
 
 def expand_urls(pattern: str) -> list[str]:
     """Brace-expand then glob (`**` spans folders); every concrete (non-glob) path must exist. A tar
-    that several parts of the pattern name is read once."""
+    that the pattern names several times, or by several paths, is read once."""
     urls: list[str] = []
     for part in braceexpand(pattern):
         if glob.has_magic(part):
@@ -96,7 +99,10 @@ def expand_urls(pattern: str) -> list[str]:
             raise SourceError(f"webdataset shard not found: {part} (from urls {pattern!r})")
     if not urls:
         raise SourceError(f"webdataset urls {pattern!r} match no file")
-    return list(dict.fromkeys(urls))
+    first: dict[str, str] = {}
+    for url in urls:
+        first.setdefault(os.path.realpath(url), url)
+    return list(first.values())
 
 
 def _text_lines(path: Path, encoding: str, source: str) -> Iterator[str]:
@@ -118,23 +124,34 @@ def _locate_decode_error(path: Path, encoding: str, source: str) -> None:
     decoder = codecs.getincrementaldecoder(encoding)()
     line = 1
     with open(path, "rb") as f:
-        head = f.read(256)
-        f.seek(0)
-        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-            hint = "it starts with a UTF-16 byte-order mark: encoding utf-16"
-        elif b"\0" in head:
-            hint = "it holds NUL bytes, as UTF-16 without a byte-order mark does: utf-16-le or utf-16-be"
-        else:
-            hint = "e.g. cp1252 for a CSV saved by Excel on Windows, latin-1, utf-16"
         for raw in itertools.chain(f, [b""]):  # b"": flush the decoder at the end
             try:
                 line += decoder.decode(raw, final=not raw).count("\n")
             except UnicodeError as err:
-                where = f"bytes {err.object[err.start:err.end].hex(' ')} at byte {err.start + 1} of the line are not " \
-                    f"valid {encoding} ({err.reason})" if isinstance(err, UnicodeDecodeError) else \
-                    f"not valid {encoding} ({err})"
-                raise SourceError(f"source {source!r}: {path} line {line}: {where}; set this source's `encoding` in "
-                                  f"params ({hint})") from None
+                hint = _encoding_hint(path) or "e.g. cp1252 for a CSV saved by Excel on Windows, latin-1, utf-16"
+                raise SourceError(f"source {source!r}: {path} line {line}: {decode_problem(err, encoding)} of the "
+                                  f"line; set this source's `encoding` in params ({hint})") from None
+
+
+def decode_problem(err: UnicodeError, encoding: str) -> str:
+    """`err` in words: which bytes are not valid `encoding`, and where."""
+    if isinstance(err, UnicodeDecodeError):
+        return (f"bytes {err.object[err.start:err.end].hex(' ')} are not valid {encoding} ({err.reason}) "
+                f"at byte {err.start + 1}")
+    return f"not valid {encoding} ({err})"
+
+
+def _encoding_hint(path: Path) -> str:
+    """What a text file's first bytes say of its encoding ("" when nothing)."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if head.startswith(codecs.BOM_UTF8):
+        return "it starts with a UTF-8 byte-order mark: encoding utf-8-sig"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "it starts with a UTF-16 byte-order mark: encoding utf-16"
+    if b"\0" in head:
+        return "it holds NUL bytes, as UTF-16 without a byte-order mark does: encoding utf-16-le or utf-16-be"
+    return ""
 
 
 def _csv_lines(src: CsvSource) -> Iterator[str]:
@@ -152,12 +169,10 @@ def _check_csv(src: CsvSource) -> int:
     header = next(rows, [])
     missing = [c for c in (src.image_column, src.caption_column) if c not in header]
     if missing:
-        text = "".join(header)
-        hint = " (the file starts with a byte-order mark: use encoding utf-8-sig)" if text.startswith("\ufeff") else \
-            " (it holds NUL bytes, as UTF-16 text does: use encoding utf-16-le or utf-16-be)" if "\0" in text else ""
+        hint = _encoding_hint(src.path)
         raise SourceError(
-            f"source {src.name!r}: {src.path} lacks column(s) {missing}; header is {header}{hint} "
-            f"(set image_column/caption_column/sep in params)"
+            f"source {src.name!r}: {src.path} lacks column(s) {missing}; header is {header} "
+            f"({f'{hint}; ' if hint else ''}set image_column/caption_column/sep/encoding in params)"
         )
     n = sum(1 for _ in rows)
     if not n:
@@ -177,14 +192,17 @@ def folder_classes(src: ImageFolderSource) -> list[str]:
 
 
 def _class_files(folder: Path) -> list[Path]:
-    """Every file below a class folder, at any depth, sorted; hidden and left-behind ones skipped."""
+    """Every file below a class folder, at any depth, sorted; hidden and left-behind ones skipped, and
+    what cannot hold an image (pipes, sockets, devices). A broken link stays: it is a missing file."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not left_behind(d)]
-        found.extend(Path(dirpath) / f for f in filenames if not left_behind(f))
+        found.extend(p for p in (Path(dirpath) / f for f in filenames if not left_behind(f))
+                     if p.is_file() or p.is_symlink() and not p.exists())
     return sorted(found)
 
 
+@lru_cache(maxsize=16)  # every partition of a folder asks: walk it once per process
 def _folder_files(src: ImageFolderSource) -> list[tuple[int, Path]]:
     """(class index, file) of every image of an image folder; SourceError names empty class folders."""
     files = {name: _class_files(src.root / name) for name in folder_classes(src)}
@@ -218,7 +236,7 @@ def _read_class_mapping(src: ImageFolderSource) -> dict[str, str]:
         raise SourceError(f"source {src.name!r}: classnames file not found: {path}")
     if path.suffix.lower() == ".json":
         try:
-            mapping = json.loads("".join(_text_lines(path, "utf-8-sig", src.name)))
+            mapping = json.loads("".join(_text_lines(path, src.encoding, src.name)))
         except json.JSONDecodeError as err:
             raise SourceError(f"source {src.name!r}: {path} is not valid JSON ({err})") from None
         if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
@@ -227,7 +245,7 @@ def _read_class_mapping(src: ImageFolderSource) -> dict[str, str]:
         return {k: v.strip() for k, v in mapping.items()}
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
     mapping = {}
-    for line, row in enumerate(csv.reader(_text_lines(path, "utf-8-sig", src.name), delimiter=sep), start=1):
+    for line, row in enumerate(csv.reader(_text_lines(path, src.encoding, src.name), delimiter=sep), start=1):
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != 2:
@@ -237,11 +255,13 @@ def _read_class_mapping(src: ImageFolderSource) -> dict[str, str]:
     return mapping
 
 
+@lru_cache(maxsize=16)
 def class_names(src: ImageFolderSource) -> list[str]:
     """Class names of an image folder in class-index order: from the source's `classnames` file when
     given; else `imagenet_synset_names` for folders named by a synset id (`n07753592`) and the
     folder name with `_` as a space for others. Raises SourceError naming folders a mapping lacks,
-    names it repeats, or class folders that are only numbers."""
+    or class folders that are only numbers. A name given to several folders is only a warning:
+    open_clip's ImageNet-1k names repeat two (missile, sunglasses), as the benchmark does."""
     folders = folder_classes(src)
     if src.classnames is None and all(f.isdigit() for f in folders):
         raise SourceError(f"source {src.name!r}: the class folders of {src.root} are numbers ({folders[:3]}...), "
@@ -252,16 +272,16 @@ def class_names(src: ImageFolderSource) -> list[str]:
     else:  # synset folders by ImageNet's names, the others by their own
         synsets = imagenet_synset_names() if any(_SYNSET.match(f) for f in folders) else {}
         mapping = {f: synsets.get(f, "") if _SYNSET.match(f) else f.replace("_", " ") for f in folders}
-        where = "ImageNet-21k's synset ids"
+        where = "the ImageNet synset ids (open_clip's ImageNet-1k names, timm's WordNet lemmas beyond)"
     missing = [f for f in folders if not mapping.get(f)]
     if missing:
         raise SourceError(f"source {src.name!r}: no class name for folder(s) {missing[:10]} of {src.root} in {where}"
                           + ("" if src.classnames else "; give a classnames file (JSON or CSV of folder, name)"))
     names = [mapping[f] for f in folders]
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    repeated = sorted(n for n, k in Counter(names).items() if k > 1)
     if repeated:
-        raise SourceError(f"source {src.name!r}: {where} gives several folders the same class name: {repeated[:10]}; "
-                          f"zero-shot classes must differ")
+        log.warning("source %r: %s gives several folders the same class name: %s; zero-shot cannot tell them apart",
+                    src.name, where, repeated[:10])
     return names
 
 
@@ -311,10 +331,11 @@ def read_partition(src, part: Partition, seed: int, side: int) -> Iterator[RawRe
         yield from read_tar(src, part)
     elif isinstance(src, ImageFolderSource):
         files = _folder_files(src)[part.start:part.stop]
-        names = eval_metadata(src)["classnames"]
+        names = class_names(src)
         for i, (ci, path) in enumerate(files, start=part.start):
-            yield RawRecord(indexed_key(src.name, "eval", i), str(path), "eval", f"a photo of a {names[ci]}.", ci,
-                            data=path.read_bytes())
+            rec = RawRecord(indexed_key(src.name, "eval", i), str(path), "eval", f"a photo of a {names[ci]}.", ci)
+            _read_file(rec, path)
+            yield rec
 
 
 def _read_csv(src: CsvSource, part: Partition) -> Iterator[RawRecord]:
@@ -328,39 +349,45 @@ def _read_csv(src: CsvSource, part: Partition) -> Iterator[RawRecord]:
         rel = (row.get(src.image_column) or "").strip()
         path = base / rel
         rec = RawRecord(key, f"{src.path}:{i + 2}:{rel}", "train", row.get(src.caption_column))
-        if not rel or not path.is_file():
-            rec.rejected = Rejected("missing_file", str(path))
+        if rel:
+            _read_file(rec, path)
         else:
-            rec.data = path.read_bytes()
+            rec.rejected = Rejected("missing_file", f"no image path in column {src.image_column!r}")
         yield rec
+
+
+def _read_file(rec: RawRecord, path: Path) -> None:
+    """The record's image bytes from `path`, or its rejection when the file is missing or unreadable."""
+    try:
+        rec.data = path.read_bytes()
+    except FileNotFoundError:
+        rec.rejected = Rejected("missing_file", str(path))
+    except OSError as err:  # a folder, no permission, an I/O error
+        rec.rejected = Rejected("unreadable_file", f"{path}: {err.strerror or err}")
 
 
 def _tar_record(src: WebdatasetSource, part: Partition, sample: dict) -> RawRecord:
     key = sample["__key__"]
     rec = RawRecord(f"{src.name}_{key_part(part.shard)}_{key_part(key)}", f"{part.url}:{key}", "train")
-    image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if image_ext is None:
+    ext = image_ext(sample)
+    if ext is None:
         rec.rejected = Rejected("missing_image", f"members: {sorted(k for k in sample if k != '__key__')}")
     else:
-        rec.data = sample[image_ext]
+        rec.data = sample[ext]
     if "txt" in sample:
         try:
             rec.caption = sample["txt"].decode(src.encoding)
         except UnicodeError as err:
-            rec.rejected = Rejected("undecodable_caption", f"bytes {err.object[err.start:err.end].hex(' ')} at byte "
-                                                           f"{err.start + 1} are not valid {src.encoding}"
-                                    if isinstance(err, UnicodeDecodeError) else f"not valid {src.encoding}: {err}")
+            rec.rejected = Rejected("undecodable_caption", decode_problem(err, src.encoding))
     return rec
 
 
 def read_tar(src: WebdatasetSource, part: Partition) -> Iterator[RawRecord]:
     """Stream one img2dataset/webdataset tar (`part.url`) as records keyed `{source}_{shard}_{member
-    key}`, unique across the source (`part.shard` is the tar's id from `shard_ids`). A truncated tar
-    ends with one rejected record for the sample being read when it broke, after the samples before it."""
-    try:
-        for sample in iter_tar_samples(part.url):
-            yield _tar_record(src, part, sample)
-    except TruncatedTar as err:
-        rec = _tar_record(src, part, {"__key__": err.key or "start-of-tar"})
-        rec.rejected = Rejected("truncated_tar_member", str(err))
+    key}`, unique across the source (`part.shard` is the tar's id from `shard_ids`). A sample that
+    a damaged tar cut or broke (`iter_tar_samples`) is a rejected record, and the others are read."""
+    for sample in iter_tar_samples(part.url, keep_going=True):
+        rec = _tar_record(src, part, sample)
+        if "__damaged__" in sample:
+            rec.rejected = Rejected("truncated_tar_member", sample["__damaged__"])
         yield rec

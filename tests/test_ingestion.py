@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -20,8 +21,10 @@ from tasks.curate import CurateError
 from tasks.evaluate import load_model, read_state_dict
 from tasks.images import decode_image
 from tasks.metrics import EvalError
-from tasks.shards import iter_tar_samples, member_key, read_manifest
-from tasks.sources import SourceError, class_names, eval_metadata, key_part, plan, read_partition, shard_ids
+from tasks.shards import TruncatedTar, iter_tar_samples, member_key, read_manifest
+from tasks.sources import (
+    SourceError, class_names, eval_metadata, expand_urls, key_part, plan, read_partition, shard_ids,
+)
 from tests.conftest import REPO, png_bytes, random_image, tiny_params
 
 
@@ -196,7 +199,8 @@ def test_non_utf8_csv_names_file_line_and_bytes_and_encoding_option_reads_it(tmp
     with pytest.raises(SourceError) as err:
         curate.plan_partitions(curate_only(tmp_path, [source]))
     msg = str(err.value)
-    assert f"source 'mine': {csv} line 4: bytes e9 at byte 10 of the line are not valid utf-8-sig" in msg
+    assert (f"source 'mine': {csv} line 4: bytes e9 are not valid utf-8-sig (invalid continuation byte) at byte 10 "
+            f"of the line") in msg
     assert "set this source's `encoding`" in msg and "cp1252" in msg
 
     params = curate_only(tmp_path, [source | {"encoding": "cp1252"}])
@@ -266,7 +270,7 @@ def test_a_users_folder_to_name_mapping(tmp_path, fmt):
     assert class_names(folder_source(tmp_path, root, classnames=str(path))) == ["golden retriever", "banana"]
 
 
-def test_mapping_errors_name_the_folder_and_file(tmp_path):
+def test_mapping_errors_name_the_folder_and_file(tmp_path, caplog):
     root = image_folder(tmp_path, {"c01": 1, "c02": 1})
     partial = tmp_path / "names.json"
     partial.write_text(json.dumps({"c01": "dog"}))
@@ -274,8 +278,8 @@ def test_mapping_errors_name_the_folder_and_file(tmp_path):
         plan([folder_source(tmp_path, root, classnames=str(partial))], 10)
     same = tmp_path / "same.csv"
     same.write_text("c01,dog\nc02,dog\n")
-    with pytest.raises(SourceError, match=r"several folders the same class name: \['dog'\]"):
-        class_names(folder_source(tmp_path, root, classnames=str(same)))
+    assert class_names(folder_source(tmp_path, root, classnames=str(same))) == ["dog", "dog"]  # as ImageNet's own
+    assert "several folders the same class name: ['dog']" in caplog.text
     bad = tmp_path / "bad.csv"
     bad.write_text("c01,dog\nc02\n")
     with pytest.raises(SourceError, match=r"bad\.csv line 2: expected 2 columns"):
@@ -451,7 +455,7 @@ def test_tar_captions_in_another_encoding_are_quarantined_or_read_with_the_optio
     stats = curate.run_sequential(curate_only(tmp_path / "a", [web]))
     assert stats["sources"]["web"]["quarantined"] == {"undecodable_caption": 1}
     detail = pq.read_table(tmp_path / "a" / "data" / "curated" / "quarantine.parquet").column("detail")[0].as_py()
-    assert detail == "bytes e8 at byte 3 are not valid utf-8-sig"
+    assert detail == "bytes e8 are not valid utf-8-sig (invalid continuation byte) at byte 3"
     params = curate_only(tmp_path / "b", [web | {"encoding": "cp1252"}])
     curate.run_sequential(params)
     assert sorted(read_manifest(params.curate.out_dir / "train").column("caption").to_pylist()) == [
@@ -461,7 +465,8 @@ def test_tar_captions_in_another_encoding_are_quarantined_or_read_with_the_optio
 def test_utf16_csv_without_the_option_is_named_as_utf16(tmp_path):
     csv = tmp_path / "pairs.csv"
     csv.write_bytes("image,caption\n0.png,x\n".encode("utf-16"))
-    with pytest.raises(SourceError, match=r"line 1: bytes ff at byte 1 .*UTF-16 byte-order mark: encoding utf-16"):
+    with pytest.raises(SourceError, match=r"line 1: bytes ff are not valid .* at byte 1 .*UTF-16 byte-order mark: "
+                                          r"encoding utf-16"):
         plan([parse_params(tiny_params(tmp_path, [{"kind": "csv", "name": "c", "path": str(csv)}])).curate.sources[1]], 10)
 
 
@@ -536,7 +541,8 @@ def test_utf16_without_a_byte_order_mark_and_mixed_folders(tmp_path):
     src = {"kind": "csv", "name": "c", "path": str(csv)}
     with pytest.raises(SourceError, match=r"line 1: .*not valid utf-16 \(UTF-16 stream does not start with BOM\)"):
         plan([parse_params(tiny_params(tmp_path, [src | {"encoding": "utf-16"}])).curate.sources[1]], 10)
-    with pytest.raises(SourceError, match=r"lacks column.*NUL bytes, as UTF-16 text does: use encoding utf-16-le"):
+    with pytest.raises(SourceError, match=r"lacks column.*NUL bytes, as UTF-16 without a byte-order mark does: "
+                                          r"encoding utf-16-le"):
         plan([parse_params(tiny_params(tmp_path, [src])).curate.sources[1]], 10)
     root = image_folder(tmp_path, {"n07753592": 1, "my_dog": 1})
     assert class_names(folder_source(tmp_path, root)) == ["my dog", "banana"]
@@ -556,3 +562,111 @@ def test_stage_command_reports_bad_input_without_tracebacks(tmp_path, prefect_ap
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: curate wrote no train sample: all 1 sample(s) of source(s) ['mine'] were quarantined "
         f"(missing_file=1); see {tmp_path / 'data' / 'curated.partial' / 'quarantine.parquet'}")
+
+
+def test_the_whole_imagenet_1k_folder_set_is_named_by_open_clip(tmp_path):
+    """All 1,000 synset folders (names repeat twice in open_clip's list, as in the benchmark)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    from timm.data import ImageNetInfo
+
+    for wnid in ImageNetInfo("imagenet-1k").label_names():
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+    assert class_names(folder_source(tmp_path, tmp_path / "val")) == list(IMAGENET_CLASSNAMES)
+
+
+def cut(path, at: int):
+    path.write_bytes(path.read_bytes()[:at])
+
+
+def test_damaged_tars_lose_only_the_damaged_sample(tmp_path):
+    """Members in directory order cut inside the last member: the other samples are read; a broken
+    header, a missing end marker, a lost hard-link target and a cut .tar.gz each name one sample."""
+    path = tmp_path / "dir-order.tar"
+    order = ["a.jpg", "b.jpg", "b.txt", "c.jpg", "c.txt", "a.txt"]
+    write_members(path, {name: png_bytes(random_image(i), "JPEG") if name.endswith("jpg") else b"caption " * 200
+                         for i, name in enumerate(order)})
+    offsets = {m.name: m.offset_data for m in tarfile.open(path).getmembers()}
+    cut(path, offsets["a.txt"] + 100)
+    got = list(iter_tar_samples(path, keep_going=True))
+    assert [(s["__key__"], "__damaged__" in s) for s in got] == [("a", True), ("b", False), ("c", False)]
+    with pytest.raises(TruncatedTar) as err:
+        list(iter_tar_samples(path))
+    assert err.value.key == "a"
+
+    whole = tmp_path / "whole.tar"
+    write_members(whole, {f"{k}.{e}": b"x" * 600 for k in "pqr" for e in ("jpg", "txt")})
+    header = {m.name: m.offset for m in tarfile.open(whole).getmembers()}["r.jpg"]
+    data = bytearray(whole.read_bytes())
+    data[header:header + 100] = b"\x07" * 100  # a broken header: tarfile would stop there quietly
+    (tmp_path / "broken.tar").write_bytes(bytes(data))
+    got = list(iter_tar_samples(tmp_path / "broken.tar", keep_going=True))
+    assert [(s["__key__"], s.get("__damaged__", "")[:21]) for s in got] == [("p", ""), ("q", "unreadable header at ")]
+
+    (tmp_path / "nomarker.tar").write_bytes(whole.read_bytes()[:header + 512 + 1024])  # ends after r.jpg's data
+    got = list(iter_tar_samples(tmp_path / "nomarker.tar", keep_going=True))
+    assert [(s["__key__"], "__damaged__" in s) for s in got] == [("p", False), ("q", False), ("r", True)]
+    assert "without its end-of-archive marker" in got[-1]["__damaged__"]
+
+    with tarfile.open(tmp_path / "link.tar", "w") as tar:
+        info = tarfile.TarInfo("s.jpg")
+        info.type, info.linkname = tarfile.LNKTYPE, "gone.jpg"
+        tar.addfile(info)
+        for name in ("t.jpg", "t.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    got = list(iter_tar_samples(tmp_path / "link.tar", keep_going=True))
+    assert [(s["__key__"], "__damaged__" in s) for s in got] == [("s", True), ("t", False)]
+
+    with tarfile.open(tmp_path / "x.tar.gz", "w:gz") as tar:
+        for i, name in enumerate(order):
+            data = png_bytes(random_image(i), "JPEG")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert [s["__key__"] for s in iter_tar_samples(tmp_path / "x.tar.gz")] == ["a", "b", "c"]
+    cut(tmp_path / "x.tar.gz", (tmp_path / "x.tar.gz").stat().st_size // 2)
+    got = list(iter_tar_samples(tmp_path / "x.tar.gz", keep_going=True))
+    assert got and "__damaged__" in got[-1] and all("__damaged__" not in s for s in got[:-1])
+
+
+def test_member_paths_in_hidden_folders_count_and_extensionless_members_do_not(tmp_path):
+    path = tmp_path / "x.tar"
+    write_members(path, {"home/u/.cache/cc/000001.jpg": b"img", "home/u/.cache/cc/000001.txt": b"cap",
+                         "README": b"about these shards", "__MACOSX/cc/._000001.jpg": b"fork"})
+    assert [s["__key__"] for s in iter_tar_samples(path)] == ["home/u/.cache/cc/000001"]
+
+
+def test_links_pipes_and_unreadable_files_in_image_folders(tmp_path):
+    root = image_folder(tmp_path, {"cat": 1, "dog": 1})
+    (root / "dog" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "dog" / "alias.JPEG").symlink_to(next((root / "cat").iterdir()))
+    os.mkfifo(root / "cat" / "pipe")
+    src = folder_source(tmp_path, root)
+    recs = [r for part in plan([src], 10) for r in read_partition(src, part, 0, 32)]
+    assert [(Path(r.origin).name, r.rejected.reason if r.rejected else None) for r in recs] == [
+        ("ILSVRC2012_val_00000000.JPEG", None), ("ILSVRC2012_val_00010000.JPEG", None), ("alias.JPEG", None),
+        ("gone.png", "missing_file")]
+
+
+def test_one_tar_by_two_paths_is_read_once_and_codecs_must_be_text(tmp_path):
+    (tmp_path / "d").mkdir()
+    write_members(tmp_path / "d" / "00000.tar", {"0.jpg": b"x", "0.txt": b"y"})
+    (tmp_path / "link").symlink_to(tmp_path / "d")
+    urls = expand_urls(f"{{{tmp_path}/d/00000.tar,{tmp_path}/d/./00000.tar,{tmp_path}/link/00000.tar}}")
+    assert urls == [f"{tmp_path}/d/00000.tar"]
+    with pytest.raises(ConfigError, match=r"curate\.sources\.1\.csv\.encoding.*unknown text encoding 'hex'"):
+        parse_params(tiny_params(tmp_path, [{"kind": "csv", "name": "m", "path": "x.csv", "encoding": "hex"}]))
+
+
+def test_success_keeps_the_staging_of_another_output_folder(tmp_path):
+    write_csv_images(tmp_path, 2)
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("image,caption\n0.png,zero caption\n1.png,one caption\n")
+    source = {"kind": "csv", "name": "mine", "path": str(csv)}
+    other = curate_only(tmp_path, [source], out_dir=str(tmp_path / "other"))
+    curate.process_partition(other, curate.plan_partitions(other)[0])  # another study's run, crashed or running
+    mine = curate_only(tmp_path, [source])
+    assert curate.staging_dir(mine) != curate.staging_dir(other)
+    curate.run_sequential(mine)
+    assert curate.staging_dir(other).is_dir() and not curate.staging_dir(mine).exists()
