@@ -64,7 +64,11 @@ def staging_dir(params: Params) -> Path:
 def plan_partitions(params: Params) -> list[Partition]:
     """The partitions to curate (sources checked first); marks the staging area with its output folder."""
     parts = plan(params.curate.sources, params.curate.shard_maxcount)
-    staging_dir(params).mkdir(parents=True, exist_ok=True)
+    for key, folder in (("curate.staging_dir", staging_dir(params)), ("curate.out_dir", params.curate.out_dir.parent)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CurateError(f"{key}: cannot create {folder}: {err.strerror or err}") from None
     atomic_write_bytes(staging_dir(params) / _OWNER, str(params.curate.out_dir.resolve()).encode())
     return parts
 

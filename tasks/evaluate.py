@@ -59,7 +59,7 @@ def read_state_dict(path: Path) -> dict:
     Raises EvalError in one line naming the file and what it holds instead (TorchScript, a pickled
     model object, a damaged file)."""
     if not path.is_file():
-        raise EvalError(f"checkpoint not found: {path}")
+        raise EvalError(f"checkpoint {'is not a file' if path.exists() else 'not found'}: {path}")
     if _is_torchscript(path):
         raise EvalError(f"{path} is a TorchScript archive (torch.jit.save), not a state_dict; load it with "
                         f"torch.jit.load and {_EXPORT_HINT}")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import bz2
-import gzip
 import io
 import itertools
 import json
@@ -113,7 +112,9 @@ class TruncatedTar(Exception):
 # Members that tools leave in archives and folders (macOS resource forks and metadata, Windows
 # thumbnails, Synology indexes): never samples or classes.
 LEFT_BEHIND = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir"})
-_COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ": lzma.open}  # magic bytes -> opener
+# magic bytes -> a decompressor that gives out all it can of a stream cut short (gzip's file object would not)
+_DECOMPRESSORS = {b"\x1f\x8b": lambda: zlib.decompressobj(zlib.MAX_WBITS | 16), b"BZh": bz2.BZ2Decompressor,
+                  b"\xfd7zXZ": lzma.LZMADecompressor}
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, KeyError, zlib.error, lzma.LZMAError)  # KeyError: a lost link
 
 
@@ -146,16 +147,23 @@ def _seekable(path) -> Iterator[tuple[object, str | None]]:
     a gzip/bzip2/xz tar its content decompressed once into a temporary file (seeking backwards in a
     compressed stream decompresses it again from the start)."""
     with open(path, "rb") as raw:
-        opener = next((o for magic, o in _COMPRESSED.items() if raw.read(6).startswith(magic)), None)
+        head = raw.read(6)
         raw.seek(0)
-        if opener is None:
+        make = next((d for magic, d in _DECOMPRESSORS.items() if head.startswith(magic)), None)
+        if make is None:
             yield raw, None
             return
         with tempfile.TemporaryFile() as plain:
-            damage = None
+            damage, stream = None, make()
             try:
-                shutil.copyfileobj(opener(raw), plain, 1 << 20)
-            except _READ_ERRORS as err:  # cut short: keep what decompressed
+                while chunk := raw.read(1 << 20):
+                    plain.write(stream.decompress(chunk))
+                    while stream.eof and stream.unused_data:  # several compressed streams one after another
+                        rest, stream = stream.unused_data, make()
+                        plain.write(stream.decompress(rest))
+                if not stream.eof:
+                    damage = "the compressed stream is cut short"
+            except _READ_ERRORS as err:  # damaged: keep what decompressed before it
                 damage = f"{type(err).__name__} while decompressing: {err}"
             plain.seek(0)
             yield plain, damage

@@ -33,6 +33,7 @@ from tasks.shards import image_ext, iter_tar_samples, left_behind
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9-]+")
 _SYNSET = re.compile(r"^n\d{8}$")  # a WordNet synset id, as ImageNet names its class folders
 log = logging.getLogger(__name__)
+_TAR_NAME = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tbz2?|tar\.xz|txz)$", re.IGNORECASE)
 
 
 class SourceError(InputError):
@@ -87,12 +88,17 @@ def shard_ids(urls: list[str]) -> list[str]:
 
 
 def expand_urls(pattern: str) -> list[str]:
-    """Brace-expand then glob (`**` spans folders); every concrete (non-glob) path must exist. A tar
-    that the pattern names several times, or by several paths, is read once."""
+    """Brace-expand then glob (`**` spans folders; a glob takes tar files only, not img2dataset's
+    parquet and stats files beside them); every concrete (non-glob) path must exist. A tar that the
+    pattern names several times, or by several paths, is read once."""
     urls: list[str] = []
     for part in braceexpand(pattern):
         if glob.has_magic(part):
-            urls.extend(sorted(glob.glob(part, recursive=True)))
+            found = sorted(glob.glob(part, recursive=True))
+            urls.extend(p for p in found if os.path.isfile(p) and _TAR_NAME.search(p))
+            if others := [p for p in found if p not in urls and os.path.isfile(p)]:
+                log.info("webdataset urls %r: %d file(s) that are not tars skipped, e.g. %s", pattern, len(others),
+                         others[:3])
         elif os.path.isfile(part):
             urls.append(part)
         else:
@@ -129,15 +135,15 @@ def _locate_decode_error(path: Path, encoding: str, source: str) -> None:
                 line += decoder.decode(raw, final=not raw).count("\n")
             except UnicodeError as err:
                 hint = _encoding_hint(path) or "e.g. cp1252 for a CSV saved by Excel on Windows, latin-1, utf-16"
-                raise SourceError(f"source {source!r}: {path} line {line}: {decode_problem(err, encoding)} of the "
-                                  f"line; set this source's `encoding` in params ({hint})") from None
+                raise SourceError(f"source {source!r}: {path} line {line}: {decode_problem(err, encoding)}; set this "
+                                  f"source's `encoding` in params ({hint})") from None
 
 
 def decode_problem(err: UnicodeError, encoding: str) -> str:
     """`err` in words: which bytes are not valid `encoding`, and where."""
     if isinstance(err, UnicodeDecodeError):
-        return (f"bytes {err.object[err.start:err.end].hex(' ')} are not valid {encoding} ({err.reason}) "
-                f"at byte {err.start + 1}")
+        return (f"bytes {err.object[err.start:err.end].hex(' ')} at byte {err.start + 1} are not valid "
+                f"{encoding} ({err.reason})")
     return f"not valid {encoding} ({err})"
 
 
@@ -158,20 +164,33 @@ def _csv_lines(src: CsvSource) -> Iterator[str]:
     return _text_lines(src.path, src.encoding, src.name)
 
 
-def _csv_rows(src: CsvSource) -> Iterator[dict]:
-    yield from csv.DictReader(_csv_lines(src), delimiter=src.sep)
+def _csv_rows(src: CsvSource) -> Iterator[tuple[str, list[str]]]:
+    """(`line N` or `lines N-M`, fields) of each non-blank row, the header first. Parsed in csv's
+    strict mode: a quote that never closes, text after a closing quote or a runaway field is a
+    SourceError naming the line, instead of rows silently merged into one caption."""
+    rows = csv.reader(_csv_lines(src), delimiter=src.sep, strict=True)
+    try:
+        for fields in rows:
+            if fields:
+                start = rows.line_num - sum(f.count("\n") for f in fields)  # a quoted field may span lines
+                yield (f"line {start}" if start == rows.line_num else f"lines {start}-{rows.line_num}"), fields
+    except csv.Error as err:
+        hint = _encoding_hint(src.path) or "a quote that never closes, or one inside an unquoted field?"
+        raise SourceError(f"source {src.name!r}: {src.path} line {rows.line_num}: {err} ({hint})") from None
 
 
 def _check_csv(src: CsvSource) -> int:
+    """The number of rows of a CSV source, after checking its header; SourceError names what is wrong."""
     if not src.path.is_file():
         raise SourceError(f"source {src.name!r}: CSV not found: {src.path}")
-    rows = csv.reader(_csv_lines(src), delimiter=src.sep)
-    header = next(rows, [])
+    rows = _csv_rows(src)
+    _, header = next(rows, (None, []))
     missing = [c for c in (src.image_column, src.caption_column) if c not in header]
     if missing:
         hint = _encoding_hint(src.path)
+        shown = [f[:40] for f in header[:10]] + (["..."] if len(header) > 10 else [])
         raise SourceError(
-            f"source {src.name!r}: {src.path} lacks column(s) {missing}; header is {header} "
+            f"source {src.name!r}: {src.path} lacks column(s) {missing}; header is {shown} "
             f"({f'{hint}; ' if hint else ''}set image_column/caption_column/sep/encoding in params)"
         )
     n = sum(1 for _ in rows)
@@ -184,7 +203,8 @@ def folder_classes(src: ImageFolderSource) -> list[str]:
     """The class folders of an image folder, sorted (the class index is the position); hidden
     folders and those tools leave behind (`.ipynb_checkpoints`, `__MACOSX`) are not classes."""
     if not src.root.is_dir():
-        raise SourceError(f"source {src.name!r}: image folder not found: {src.root}")
+        what = "is not a folder" if src.root.exists() else "not found"
+        raise SourceError(f"source {src.name!r}: image folder {what}: {src.root}")
     classes = sorted(d.name for d in src.root.iterdir() if d.is_dir() and not left_behind(d.name))
     if not classes:
         raise SourceError(f"source {src.name!r}: {src.root} has no class subfolders (expected root/<class>/<image>)")
@@ -278,10 +298,10 @@ def class_names(src: ImageFolderSource) -> list[str]:
         raise SourceError(f"source {src.name!r}: no class name for folder(s) {missing[:10]} of {src.root} in {where}"
                           + ("" if src.classnames else "; give a classnames file (JSON or CSV of folder, name)"))
     names = [mapping[f] for f in folders]
-    repeated = sorted(n for n, k in Counter(names).items() if k > 1)
+    repeated = {n: [f for f in folders if mapping[f] == n] for n, k in Counter(names).items() if k > 1}
     if repeated:
-        log.warning("source %r: %s gives several folders the same class name: %s; zero-shot cannot tell them apart",
-                    src.name, where, repeated[:10])
+        log.warning("source %r: several folders get the same class name (%s); zero-shot cannot tell them apart",
+                    src.name, "; ".join(f"{n!r}: {fs}" for n, fs in list(repeated.items())[:10]))
     return names
 
 
@@ -339,20 +359,20 @@ def read_partition(src, part: Partition, seed: int, side: int) -> Iterator[RawRe
 
 
 def _read_csv(src: CsvSource, part: Partition) -> Iterator[RawRecord]:
-    base = src.path.parent
-    for i, row in enumerate(_csv_rows(src)):
-        if i < part.start:
-            continue
-        if i >= part.stop:
-            break
-        key = indexed_key(src.name, "train", i)
+    rows = _csv_rows(src)
+    _, header = next(rows)
+    for i, (where, fields) in enumerate(itertools.islice(rows, part.start, part.stop), start=part.start):
+        row = dict(zip(header, fields))
         rel = (row.get(src.image_column) or "").strip()
-        path = base / rel
-        rec = RawRecord(key, f"{src.path}:{i + 2}:{rel}", "train", row.get(src.caption_column))
-        if rel:
-            _read_file(rec, path)
-        else:
+        rec = RawRecord(indexed_key(src.name, "train", i), f"{src.path} {where}: {rel}", "train",
+                        row.get(src.caption_column))
+        if len(fields) > len(header):
+            rec.rejected = Rejected("malformed_row", f"{len(fields)} fields, the header has {len(header)}: an "
+                                                     f"unquoted {src.sep!r} in a field?")
+        elif not rel:
             rec.rejected = Rejected("missing_file", f"no image path in column {src.image_column!r}")
+        else:
+            _read_file(rec, src.path.parent / rel)
         yield rec
 
 

@@ -199,8 +199,7 @@ def test_non_utf8_csv_names_file_line_and_bytes_and_encoding_option_reads_it(tmp
     with pytest.raises(SourceError) as err:
         curate.plan_partitions(curate_only(tmp_path, [source]))
     msg = str(err.value)
-    assert (f"source 'mine': {csv} line 4: bytes e9 are not valid utf-8-sig (invalid continuation byte) at byte 10 "
-            f"of the line") in msg
+    assert f"source 'mine': {csv} line 4: bytes e9 at byte 10 are not valid utf-8-sig (invalid continuation byte)" in msg
     assert "set this source's `encoding`" in msg and "cp1252" in msg
 
     params = curate_only(tmp_path, [source | {"encoding": "cp1252"}])
@@ -279,7 +278,7 @@ def test_mapping_errors_name_the_folder_and_file(tmp_path, caplog):
     same = tmp_path / "same.csv"
     same.write_text("c01,dog\nc02,dog\n")
     assert class_names(folder_source(tmp_path, root, classnames=str(same))) == ["dog", "dog"]  # as ImageNet's own
-    assert "several folders the same class name: ['dog']" in caplog.text
+    assert "several folders get the same class name ('dog': ['c01', 'c02'])" in caplog.text
     bad = tmp_path / "bad.csv"
     bad.write_text("c01,dog\nc02\n")
     with pytest.raises(SourceError, match=r"bad\.csv line 2: expected 2 columns"):
@@ -455,7 +454,7 @@ def test_tar_captions_in_another_encoding_are_quarantined_or_read_with_the_optio
     stats = curate.run_sequential(curate_only(tmp_path / "a", [web]))
     assert stats["sources"]["web"]["quarantined"] == {"undecodable_caption": 1}
     detail = pq.read_table(tmp_path / "a" / "data" / "curated" / "quarantine.parquet").column("detail")[0].as_py()
-    assert detail == "bytes e8 are not valid utf-8-sig (invalid continuation byte) at byte 3"
+    assert detail == "bytes e8 at byte 3 are not valid utf-8-sig (invalid continuation byte)"
     params = curate_only(tmp_path / "b", [web | {"encoding": "cp1252"}])
     curate.run_sequential(params)
     assert sorted(read_manifest(params.curate.out_dir / "train").column("caption").to_pylist()) == [
@@ -465,7 +464,7 @@ def test_tar_captions_in_another_encoding_are_quarantined_or_read_with_the_optio
 def test_utf16_csv_without_the_option_is_named_as_utf16(tmp_path):
     csv = tmp_path / "pairs.csv"
     csv.write_bytes("image,caption\n0.png,x\n".encode("utf-16"))
-    with pytest.raises(SourceError, match=r"line 1: bytes ff are not valid .* at byte 1 .*UTF-16 byte-order mark: "
+    with pytest.raises(SourceError, match=r"line 1: bytes ff at byte 1 are not valid .*UTF-16 byte-order mark: "
                                           r"encoding utf-16"):
         plan([parse_params(tiny_params(tmp_path, [{"kind": "csv", "name": "c", "path": str(csv)}])).curate.sources[1]], 10)
 
@@ -532,7 +531,7 @@ def test_a_rerun_after_a_failure_past_finalize_equals_a_fresh_run(tmp_path):
         sub = "" if name.endswith(".parquet") else "train"
         assert (outs[0] / sub / name).read_bytes() == (outs[1] / sub / name).read_bytes(), name
     origins = pq.read_table(outs[0] / "quarantine.parquet").column("origin").to_pylist()
-    assert origins == [f"{csv}:6:0.png", f"{csv}:8:2.png"]  # the source's file and line, not a staging name
+    assert origins == [f"{csv} line 6: 0.png", f"{csv} line 8: 2.png"]  # the source's file and line
 
 
 def test_utf16_without_a_byte_order_mark_and_mixed_folders(tmp_path):
@@ -670,3 +669,64 @@ def test_success_keeps_the_staging_of_another_output_folder(tmp_path):
     assert curate.staging_dir(mine) != curate.staging_dir(other)
     curate.run_sequential(mine)
     assert curate.staging_dir(other).is_dir() and not curate.staging_dir(mine).exists()
+
+
+@pytest.mark.parametrize("mode, suffix, readable", [("w:bz2", ".tar.bz2", 0), ("w:xz", ".tar.xz", 3), ("w:gz", ".tgz", 3)])
+def test_compressed_tars_in_directory_order_and_cut_short(tmp_path, mode, suffix, readable):
+    """bzip2 decompresses whole 900 kB blocks: a cut in the only block leaves nothing to read."""
+    names = [f"{k:03d}.{e}" for k in range(8) for e in ("txt", "jpg")][::-1]  # not adjacent by key order
+    path = tmp_path / f"x{suffix}"
+    with tarfile.open(path, mode) as tar:
+        for i, name in enumerate(names):
+            data = np.random.default_rng(i).integers(0, 256, 3000, dtype=np.uint8).tobytes()  # incompressible
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert sorted(s["__key__"] for s in iter_tar_samples(path)) == [f"{k:03d}" for k in range(8)]
+    cut(path, int(path.stat().st_size * 0.6))
+    got = list(iter_tar_samples(path, keep_going=True))
+    damaged = [s["__key__"] for s in got if "__damaged__" in s]
+    complete = [s for s in got if "__damaged__" not in s]
+    assert len(damaged) == 1 and all(len(s) == 3 for s in complete)  # each kept sample has jpg and txt
+    assert len(complete) >= readable  # what decompressed before the cut is read
+
+
+def test_globs_take_tars_only(tmp_path):
+    for name in ("00000.tar", "00000.parquet", "00000_stats.json", "sub/00001.tar"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        write_members(tmp_path / name, {"0.jpg": b"x"}) if name.endswith(".tar") else (tmp_path / name).write_text("{}")
+    assert expand_urls(str(tmp_path / "*")) == [str(tmp_path / "00000.tar")]
+    assert expand_urls(str(tmp_path / "**")) == [str(tmp_path / "00000.tar"), str(tmp_path / "sub" / "00001.tar")]
+
+
+def test_malformed_csv_rows_are_named_not_merged(tmp_path):
+    write_csv_images(tmp_path, 4)
+    source = {"kind": "csv", "name": "mine", "path": str(tmp_path / "pairs.csv")}
+    (tmp_path / "pairs.csv").write_text('image,caption\n0.png,fine\n1.png,"unclosed quote caption\n2.png,two\n'
+                                        '3.png,three\n')
+    with pytest.raises(SourceError, match=r"pairs\.csv line 5: unexpected end of data \(a quote that never closes"):
+        curate.plan_partitions(curate_only(tmp_path, [source]))
+    (tmp_path / "pairs.csv").write_text('image,caption\n0.png,fine\n\n1.png,"two\nlines"\n2.png,a, then more\n')
+    params = curate_only(tmp_path, [source])
+    stats = curate.run_sequential(params)
+    assert stats["sources"]["mine"]["quarantined"] == {"malformed_row": 1}
+    quarantine = pq.read_table(params.curate.out_dir / "quarantine.parquet").to_pylist()
+    assert quarantine[0]["origin"] == f"{tmp_path / 'pairs.csv'} line 6: 2.png"
+    assert "3 fields, the header has 2: an unquoted ',' in a field?" == quarantine[0]["detail"]
+    origins = [json.loads(s["json"])["origin"] for s in iter_tar_samples(next((params.curate.out_dir / "train")
+                                                                              .glob("*.tar")))]
+    assert origins == [f"{tmp_path / 'pairs.csv'} line 2: 0.png", f"{tmp_path / 'pairs.csv'} lines 4-5: 1.png"]
+
+
+def test_paths_that_are_not_what_they_should_be(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(EvalError, match="checkpoint is not a file"):
+        read_state_dict(tmp_path)
+    with pytest.raises(SourceError, match="image folder is not a folder"):
+        class_names(folder_source(tmp_path, tmp_path / "afile"))
+    write_csv_images(tmp_path, 1)
+    (tmp_path / "pairs.csv").write_text("image,caption\n0.png,a caption\n")
+    params = curate_only(tmp_path, [{"kind": "csv", "name": "mine", "path": str(tmp_path / "pairs.csv")}],
+                         out_dir=str(tmp_path / "afile" / "curated"))
+    with pytest.raises(CurateError, match=r"curate\.out_dir: cannot create .*afile: (File exists|Not a directory)"):
+        curate.plan_partitions(params)
