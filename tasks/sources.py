@@ -94,9 +94,9 @@ def expand_urls(pattern: str) -> list[str]:
     urls: list[str] = []
     for part in braceexpand(pattern):
         if glob.has_magic(part):
-            found = sorted(glob.glob(part, recursive=True))
-            urls.extend(p for p in found if os.path.isfile(p) and _TAR_NAME.search(p))
-            if others := [p for p in found if p not in urls and os.path.isfile(p)]:
+            files = [p for p in sorted(glob.glob(part, recursive=True)) if os.path.isfile(p)]
+            urls.extend(p for p in files if _TAR_NAME.search(p))
+            if others := [p for p in files if not _TAR_NAME.search(p)]:
                 log.info("webdataset urls %r: %d file(s) that are not tars skipped, e.g. %s", pattern, len(others),
                          others[:3])
         elif os.path.isfile(part):
@@ -160,15 +160,11 @@ def _encoding_hint(path: Path) -> str:
     return ""
 
 
-def _csv_lines(src: CsvSource) -> Iterator[str]:
-    return _text_lines(src.path, src.encoding, src.name)
-
-
 def _csv_rows(src: CsvSource) -> Iterator[tuple[str, list[str]]]:
     """(`line N` or `lines N-M`, fields) of each non-blank row, the header first. Parsed in csv's
     strict mode: a quote that never closes, text after a closing quote or a runaway field is a
     SourceError naming the line, instead of rows silently merged into one caption."""
-    rows = csv.reader(_csv_lines(src), delimiter=src.sep, strict=True)
+    rows = csv.reader(_text_lines(src.path, src.encoding, src.name), delimiter=src.sep, strict=True)
     try:
         for fields in rows:
             if fields:
