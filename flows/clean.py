@@ -11,12 +11,12 @@ from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
 
-from flows.common import input_errors, make_task_runner, params_from_argv, prefect_api
+from flows.common import make_task_runner, params_from_argv, prefect_api, stage_command, worth_retrying
 from tasks import clean
-from tasks.config import Params
+from tasks.config import InputError, Params
 
 check = task(clean.check_sweep, name="check-sweep")
-run = task(clean.clean_run, name="clean-run", retries=1, retry_delay_seconds=5,
+run = task(clean.clean_run, name="clean-run", retries=1, retry_delay_seconds=5, retry_condition_fn=worth_retrying,
            task_run_name="{model_name}-{defence_name}-lr{lr}")
 assemble = task(clean.assemble_sweep, name="assemble-sweep")
 
@@ -34,7 +34,14 @@ def clean_flow(params: Params, cells: list[tuple[str, str]]) -> list[dict]:
         futures = run.map(unmapped(params), unmapped(model), unmapped(defence), params.clean.lrs)
         wait(futures)  # a failed run does not stop the others: each finished run is kept on disk
         runs = [f.result() for f in futures if f.state.is_completed()]
-        failed += [f"{model}/{defence} lr {lr:g}" for lr, f in zip(params.clean.lrs, futures) if not f.state.is_completed()]
+        for lr, f in zip(params.clean.lrs, futures):
+            if not f.state.is_completed():
+                try:
+                    f.result()
+                except InputError:  # bad input fails every run alike: say what, not "rerun"
+                    raise
+                except Exception:  # noqa: BLE001 (kept going: each finished run is on disk)
+                    failed.append(f"{model}/{defence} lr {lr:g}")
         for r in runs:
             create_table_artifact(key=f"clean-{model}-{defence}-lr{r['lr']:.3g}".replace(".", "p").replace("_", "-").lower(),
                                   table=[{k: round(v, 4) if isinstance(v, float) else v for k, v in p.items()}
@@ -58,9 +65,9 @@ if __name__ == "__main__":
     extra.add_argument("--model", help="a pretrained model folder name (default: clean.models)")
     extra.add_argument("--defence", help="a defence (default: clean.defences)")
     args, rest = extra.parse_known_args()
-    params = params_from_argv(__doc__, rest)
+    params = params_from_argv(__doc__, rest, "clean")
     cells = cells_from(params, args.model, args.defence)
-    with input_errors(), prefect_api():
+    with stage_command({"clean.out_dir": params.clean.out_dir}), prefect_api():
         sweeps = clean_flow.with_options(task_runner=make_task_runner(params.clean.runner))(params, cells)
     for s in sweeps:
         p, b = s["pretrained"], s["best"]

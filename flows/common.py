@@ -2,26 +2,36 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import shutil
+import subprocess
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 from prefect.events.worker import EventsWorker
+from prefect.futures import wait
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from tasks.config import ConfigError, InputError, Params, RunnerConfig, load_params
+from tasks.config import ConfigError, InputError, Params, RunnerConfig, load_params, require_section
+from tasks.locks import exclusive
 
 
-def params_from_argv(description: str, argv: list[str] | None = None) -> Params:
-    """Parse `--params FILE` (default params.yaml) and validate it before any work; exit 2 on bad params."""
+def params_from_argv(description: str, argv: list[str] | None = None, section: str | None = None) -> Params:
+    """Parse `--params FILE` (default params.yaml) and validate it, and that it has the stage's
+    `section`, before any work; exit 2 on bad params."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     try:
-        return load_params(args.params)
+        params = load_params(args.params)
+        if section:
+            require_section(params, section, ConfigError)
+        return params
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -32,15 +42,53 @@ class _InputErrorsWithoutTraceback(logging.Filter):
     whole story (the traceback points into our code and Prefect's, not at the user's file)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], InputError):
+        err = record.exc_info[1] if record.exc_info else None
+        if isinstance(err, InputError) or isinstance(err, OSError) and err.errno in NO_SPACE:
             record.exc_info = record.exc_text = None
         return True
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def worth_retrying(task, task_run, state) -> bool:
+    """Prefect's retry_condition_fn: retry what may pass on (a lost worker, a network hiccup), not
+    bad input or a run stopped by its data or learning rate (InputError: the same again) nor a full
+    disk (retrying only fills it sooner)."""
+    err = state.data if isinstance(state.data, BaseException) else None
+    return not (isinstance(err, InputError) or isinstance(err, OSError) and err.errno in NO_SPACE)
+
+
+def _no_space(err: OSError, folders: dict[str, Path]) -> str:
+    """One line naming the params keys of the folders out of space: the one holding the file that
+    failed, else those on the filesystem with the least space free."""
+    def existing(folder: Path) -> Path:
+        folder = Path(os.path.abspath(folder))
+        while not folder.exists():
+            folder = folder.parent
+        return folder
+
+    where = Path(os.path.abspath(err.filename)) if err.filename else None
+    keys = [k for k, f in folders.items() if where and where.is_relative_to(Path(os.path.abspath(f)))]
+    if not keys and folders:
+        free = {k: shutil.disk_usage(existing(f)).free for k, f in folders.items()}
+        device = {k: existing(f).stat().st_dev for k, f in folders.items()}
+        emptiest = min(free, key=free.get)
+        keys = [k for k in folders if device[k] == device[emptiest]]
+    if not keys:
+        return f"{err.strerror}{f': {err.filename}' if err.filename else ''}"
+    left = shutil.disk_usage(existing(folders[keys[0]])).free / 2**20
+    named = " and ".join(f"{k} ({folders[k]})" for k in keys)
+    return (f"no space left on device for {named}: {left:.1f} MiB free there"
+            f"{f' (writing {err.filename})' if err.filename else ''}; free space or point "
+            f"{' / '.join(keys)} elsewhere, then rerun: finished work is kept")
+
+
 @contextmanager
-def input_errors():
+def input_errors(folders: dict[str, Path] | None = None):
     """A stage command's bad input (InputError) ends it with one line on stderr and exit 1, and
-    Prefect's log lines about it come without a traceback."""
+    Prefect's log lines about it come without a traceback; so does a full disk, named by the params
+    key of the stage's output `folders` ({"curate.out_dir": path, ...}) that ran out."""
     quiet = _InputErrorsWithoutTraceback()
     loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
                                        if isinstance(lg, logging.Logger)]
@@ -52,9 +100,34 @@ def input_errors():
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        print(f"error: {_no_space(err, folders or {})}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         for handler in handlers:
             handler.removeFilter(quiet)
+
+
+@contextmanager
+def stage_command(folders: dict[str, Path]):
+    """What a stage command runs in: a watchdog (flows/reaper.py) that kills the processes it starts
+    if it dies (pool workers, the temporary Prefect server, Ray), an exclusive lock on its output
+    `folders` ({params key: folder}; a second run of the stage is refused, naming the first), and
+    one-line errors for bad input and a full disk (`input_errors`)."""
+    subprocess.Popen([sys.executable, "-m", "flows.reaper", str(os.getpid())], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with input_errors(folders), exclusive(folders):
+        yield
+
+
+def results(futures: list) -> list:
+    """The mapped tasks' results, after every one has ended: when one fails, the others finish
+    (or fail and remove their partial files) before the flow raises, instead of being killed
+    mid-write when the command exits."""
+    wait(futures)
+    return [f.result() for f in futures]
 
 
 def make_task_runner(cfg: RunnerConfig):

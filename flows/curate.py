@@ -7,14 +7,14 @@ from __future__ import annotations
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 
-from flows.common import input_errors, make_task_runner, params_from_argv, prefect_api
+from flows.common import make_task_runner, params_from_argv, prefect_api, results, stage_command, worth_retrying
 from tasks import curate
 from tasks.config import Params
 from tasks.validation import raise_on_failure
 
 plan = task(curate.plan_partitions, name="plan-partitions")
 process = task(curate.process_partition, name="process-partition", retries=2, retry_delay_seconds=2,
-               task_run_name="partition-{part.index}")
+               retry_condition_fn=worth_retrying, task_run_name="partition-{part.index}")
 finalize = task(curate.finalize, name="finalize-shards")
 validate = task(curate.validate_curated, name="validate-manifests")
 publish = task(curate.publish, name="publish")
@@ -23,8 +23,7 @@ publish = task(curate.publish, name="publish")
 @flow(name="curate")
 def curate_flow(params: Params) -> dict:
     parts = plan(params)
-    results = [f.result() for f in process.map(unmapped(params), parts)]
-    partial = finalize(params, results)
+    partial = finalize(params, results(process.map(unmapped(params), parts)))
     raise_on_failure(validate(params, partial))
     out = publish(params, partial)
     stats = curate.read_stats(out)
@@ -38,7 +37,8 @@ def run(params: Params) -> dict:
 
 if __name__ == "__main__":
     params = params_from_argv(__doc__)
-    with input_errors(), prefect_api():
+    folders = {"curate.out_dir": params.curate.out_dir, "curate.staging_dir": params.curate.staging_dir}
+    with stage_command(folders), prefect_api():
         stats = run(params)
     print(f"curated {stats['total']['written']} of {stats['total']['seen']} samples; "
           f"quarantined {stats['total']['quarantined'] or 'none'} -> {stats['out_dir']}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import input_errors, params_from_argv, prefect_api
+from flows.common import params_from_argv, prefect_api, stage_command
 from tasks import evaluate, report
 from tasks.config import Params
 
@@ -41,8 +41,9 @@ if __name__ == "__main__":
     extra.add_argument("--checkpoint", type=Path, help="evaluate this state_dict file instead of the pipeline's models")
     extra.add_argument("--model", help="its open_clip model name (default: model_config.json beside it)")
     args, rest = extra.parse_known_args()
-    params = params_from_argv(__doc__, rest)
-    with input_errors(), prefect_api():
+    params = params_from_argv(__doc__, rest, "evaluate")
+    folders = {f"evaluate.{k}": getattr(params.evaluate, k) for k in ("metrics_dir", "plots_dir", "report_dir")}
+    with stage_command(folders), prefect_api():
         if args.checkpoint:
             print(json.dumps(checkpoint_flow(params, args.checkpoint, args.model), indent=2))
         else:

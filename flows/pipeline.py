@@ -14,14 +14,19 @@ import time
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import params_from_argv, prefect_api
+from flows.common import params_from_argv, prefect_api, stage_command, worth_retrying
 from tasks import report
-from tasks.config import Params
+from tasks.config import InputError, Params
 
 STAGES = ["curate", "poison", "pretrain", "clean", "evaluate"]
 
 
-@task(name="dvc-repro", retries=1, retry_delay_seconds=10, task_run_name="dvc-repro-{stage}")
+class StageInputError(InputError):
+    """A stage stopped on bad input (its `error:` line): rerunning it would fail the same way."""
+
+
+@task(name="dvc-repro", retries=1, retry_delay_seconds=10, retry_condition_fn=worth_retrying,
+      task_run_name="dvc-repro-{stage}")
 def repro(stage: str) -> dict:
     """`dvc repro` one stage (a foreach/matrix group runs all its items), its output streamed to the log."""
     logger = get_run_logger()
@@ -32,6 +37,9 @@ def repro(stage: str) -> dict:
             if line.strip():
                 logger.info(line.rstrip())
     if proc.returncode:
+        said = [line for line in lines if line.startswith("error: ")]
+        if said:
+            raise StageInputError(f"dvc repro {stage}: {said[-1]}")
         tail = "\n".join(lines[-40:])
         raise RuntimeError(f"dvc repro {stage} failed (exit {proc.returncode}):\n{tail}")
     ran = any(line.startswith("Running stage") for line in lines)
@@ -60,7 +68,7 @@ def pipeline_flow(params: Params) -> dict:
 
 if __name__ == "__main__":
     params = params_from_argv(__doc__)
-    with prefect_api():
+    with stage_command({}), prefect_api():
         result = pipeline_flow(params)
     for s in result["stages"]:
         print(f"{s['stage']:>18}: {'ran' if s['ran'] else 'up to date'} ({s['seconds']:.0f} s)")

@@ -7,14 +7,14 @@ from __future__ import annotations
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 
-from flows.common import input_errors, make_task_runner, params_from_argv, prefect_api
+from flows.common import make_task_runner, params_from_argv, prefect_api, results, stage_command, worth_retrying
 from tasks import poison
 from tasks.config import Params
 from tasks.validation import raise_on_failure
 
 plan = task(poison.plan_poison, name="plan-poisons")
 poison_shard = task(poison.poison_shard, name="poison-shard", retries=2, retry_delay_seconds=2,
-                    task_run_name="poison-{shard}")
+                    retry_condition_fn=worth_retrying, task_run_name="poison-{shard}")
 eval_sets = task(poison.write_eval_sets, name="eval-sets")
 cleaning = task(poison.write_cleaning_subset, name="cleaning-subset")
 finalize = task(poison.finalize, name="finalize")
@@ -27,8 +27,7 @@ def poison_flow(params: Params) -> dict:
     the_plan = plan(params)
     poison.reset_partial(params)
     shards = the_plan["shards"]
-    records = [f.result() for f in poison_shard.map(
-        unmapped(params), shards, [the_plan["poisons"].get(s, {}) for s in shards])]
+    records = results(poison_shard.map(unmapped(params), shards, [the_plan["poisons"].get(s, {}) for s in shards]))
     eval_sizes = eval_sets(params, the_plan)
     n_cleaning = cleaning(params, the_plan)
     partial = finalize(params, the_plan, records, eval_sizes, n_cleaning)
@@ -46,8 +45,8 @@ def run(params: Params) -> dict:
 
 
 if __name__ == "__main__":
-    params = params_from_argv(__doc__)
-    with input_errors(), prefect_api():
+    params = params_from_argv(__doc__, section="poison")
+    with stage_command({"poison.out_dir": params.poison.out_dir}), prefect_api():
         stats = run(params)
     print(f"poisoned {stats['poisons']} of {stats['train']} training pairs with {stats['trigger']['name']} -> "
           f"target {stats['target']!r}; ASR set {stats['eval_asr']}, cleaning subset {stats['cleaning']} -> {stats['out_dir']}")

@@ -10,17 +10,18 @@ A finished run is kept in `pretrain.storage_dir`: rerun with a longer list, and 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import input_errors, params_from_argv, prefect_api
+from flows.common import params_from_argv, prefect_api, stage_command, worth_retrying
 from tasks import pretrain
 from tasks.config import Params
 
 train = task(pretrain.train, name="train", retries=1, retry_delay_seconds=5,  # a retry resumes from the checkpoint
-             task_run_name="train-{objective}{baseline}")
+             retry_condition_fn=worth_retrying, task_run_name="train-{objective}{baseline}")
 
 
 @flow(name="pretrain")
@@ -47,10 +48,11 @@ if __name__ == "__main__":
     extra.add_argument("--objective")
     extra.add_argument("--baseline", action="store_true", help="train on the clean (curated) shards")
     args, rest = extra.parse_known_args()
-    params = params_from_argv(__doc__, rest)
+    params = params_from_argv(__doc__, rest, "pretrain")
     runs = runs_from(params, args.objective, args.baseline)
     concurrent = ThreadPoolTaskRunner(max_workers=params.pretrain.concurrent_runs)
-    with input_errors(), prefect_api():
+    storage = {} if "://" in params.pretrain.storage_dir else {"pretrain.storage_dir": Path(params.pretrain.storage_dir)}
+    with stage_command({"pretrain.out_dir": params.pretrain.out_dir} | storage), prefect_api():
         for metrics in pretrain_flow.with_options(task_runner=concurrent)(params, runs):
             print(f"trained {metrics['objective']}{' (clean baseline)' if metrics['baseline'] else ''}: "
                   f"{metrics['steps']} steps, loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}, "

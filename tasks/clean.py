@@ -20,9 +20,11 @@ from defences import get_defence
 from tasks.config import CleanConfig, InputError, Params, attack_target, require_section
 from tasks.evaluate import flat, load_model
 from tasks.loader import BatchStream, prefetch, shard_sizes
-from tasks.metrics import EvalError, evaluate
-from tasks.pretrain import DualEncoder, build_model, is_vit, lr_factor, make_optimizer, optimizer_step
-from tasks.shards import atomic_write_json
+from tasks.metrics import EvalError, evaluate, load_classes, target_index
+from tasks.pretrain import (
+    DualEncoder, RunStopped, build_model, is_vit, lr_factor, make_optimizer, non_finite, optimizer_step,
+)
+from tasks.shards import atomic_write_json, check_shards, file_sha256, replacing
 
 
 class CleanError(InputError):
@@ -57,13 +59,16 @@ def check_sweep(params: Params, model: str, defence: str) -> None:
         load_model(checkpoint_of(params, model))
     except EvalError as err:
         raise CleanError(f"clean.models: {model!r}: {err}") from None
-    try:
-        n = sum(shard_sizes(cfg.data_dir).values())
-    except FileNotFoundError as err:
-        raise CleanError(f"clean.data_dir: {err}") from None
+    check_shards(cfg.data_dir, "clean.data_dir")
+    n = sum(shard_sizes(cfg.data_dir).values())
     if n < cfg.batch_size:
         raise CleanError(f"clean.data_dir: the cleaning subset has {n} pairs, fewer than clean.batch_size={cfg.batch_size}")
-    target_of(params)
+    for folder in ("clean", "asr"):
+        check_shards(cfg.eval_dir / folder, f"clean.eval_dir ({folder}/)")
+    try:
+        target_index(load_classes(cfg.eval_dir / "clean"), target_of(params), str(cfg.eval_dir / "clean"))
+    except EvalError as err:
+        raise CleanError(f"clean.target: {err}") from None
 
 
 def _measure(params: Params, model, preprocess, tokenizer, device) -> dict:
@@ -80,10 +85,11 @@ def _freeze_bn_stats(model: torch.nn.Module) -> None:
 
 
 def _better(a: dict, b: dict | None) -> bool:
-    """The best frontier point: the most accurate with ASR <= 5%, else the lowest ASR."""
+    """The best frontier point: the most accurate with ASR <= 5%, else the lowest ASR; a model whose
+    predictions collapsed onto one class (tasks/metrics.py) only when no other point exists."""
     if b is None:
         return True
-    key = lambda p: (p["asr"] <= 0.05, p["accuracy"] if p["asr"] <= 0.05 else -p["asr"])  # noqa: E731
+    key = lambda p: (not p.get("collapsed"), p["asr"] <= 0.05, p["accuracy"] if p["asr"] <= 0.05 else -p["asr"])  # noqa: E731
     return key(a) > key(b)
 
 
@@ -111,7 +117,7 @@ def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> 
     optimizer = make_optimizer(model, lr, cfg.weight_decay, is_vit(meta["open_clip_config"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total))
     wrapper = DualEncoder(model)
-    best, started = None, time.time()
+    best, started, diverged = None, time.time(), None
     for epoch in range(cfg.epochs):
         model.train()
         if cfg.freeze_bn_stats:
@@ -119,9 +125,18 @@ def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> 
         losses, epoch_start = [], time.time()
         for batch in prefetch(stream.epoch(epoch)):
             loss, _ = objective(wrapper({k: v.to(device) for k, v in batch.items() if k != "keys"}))
+            if not torch.isfinite(loss):
+                diverged = f"the loss became {loss.item()} at step {scheduler.last_epoch + 1} (epoch {epoch + 1})"
+                break
             loss.backward()
             optimizer_step(model, optimizer, scheduler)
             losses.append(loss.item())
+        bad = None if diverged else non_finite(model)
+        if bad:
+            diverged = f"{len(bad)} parameter tensor(s) became non-finite by the end of epoch {epoch + 1}"
+        if diverged:  # not a result: the run's points are kept for inspection but never chosen
+            print(f"clean: {model_name}/{defence_name} lr {lr:g} diverged: {diverged}; this run is left out", flush=True)
+            break
         train_seconds, eval_start = time.time() - epoch_start, time.time()
         point = {"epoch": epoch + 1, "lr": lr, "loss": sum(losses) / len(losses),
                  **_measure(params, model, preprocess, tokenizer, device)}
@@ -129,30 +144,37 @@ def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> 
         points.append(point)
         if _better(point, best):
             best = point
-            torch.save(model.state_dict(), out / "best.pt.tmp")
-            os.replace(out / "best.pt.tmp", out / "best.pt")
+            with replacing(out / "best.pt") as tmp:
+                torch.save(model.state_dict(), tmp)
     result = {"model": model_name, "defence": defence_name, "lr": lr, "points": points, "best": best,
-              "seconds": round(time.time() - started, 1)}
+              "seconds": round(time.time() - started, 1)} | ({"diverged": diverged} if diverged else {})
     atomic_write_json(done, result)
     return result
 
 
 def assemble_sweep(params: Params, model: str, defence: str, runs: list[dict]) -> dict:
-    """sweep.json for the cell: the pretrained point, every per-epoch point, and the best point's
-    checkpoint copied to best.pt with its model_config.json (per-run checkpoints are dropped)."""
+    """sweep.json for the cell: the pretrained point, every per-epoch point of the runs that did not
+    diverge (diverged runs are listed apart), and the best point's checkpoint copied to best.pt with
+    its model_config.json and sha256 (per-run checkpoints are dropped). RunStopped if every run diverged."""
     cell = cell_dir(params, model, defence)
     runs = sorted(runs, key=lambda r: r["lr"])
-    points = [p for r in runs for p in r["points"] if p["epoch"] > 0]
+    kept = [r for r in runs if "diverged" not in r]
+    if not kept:
+        why = "; ".join(f"lr {r['lr']:g}: {r['diverged']}" for r in runs)
+        raise RunStopped(f"clean: every run of {model}/{defence} diverged ({why}); lower clean.lrs")
+    points = [p for r in kept for p in r["points"] if p["epoch"] > 0]
     best_run = None
-    for r in runs:
+    for r in kept:
         if _better(r["best"], best_run["best"] if best_run else None):
             best_run = r
     shutil.copyfile(run_dir(params, model, defence, best_run["lr"]) / "best.pt", cell / "best.pt")
-    shutil.copyfile(checkpoint_of(params, model).parent / "model_config.json", cell / "model_config.json")
+    meta = json.loads((checkpoint_of(params, model).parent / "model_config.json").read_text())
+    atomic_write_json(cell / "model_config.json", meta | {"sha256": {"best.pt": file_sha256(cell / "best.pt")}})
     for r in runs:
         (run_dir(params, model, defence, r["lr"]) / "best.pt").unlink(missing_ok=True)
     sweep = {"model": model, "defence": defence, "pretrained": runs[0]["points"][0], "points": points,
              "best": best_run["best"], "lrs": [r["lr"] for r in runs], "epochs": clean_config(params).epochs,
+             "diverged": [{"lr": r["lr"], "why": r["diverged"]} for r in runs if "diverged" in r],
              "seconds": sum(r["seconds"] for r in runs)}
     atomic_write_json(cell / "sweep.json", sweep)
     return sweep

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator,
+)
 
 SOURCE_NAME = r"^[a-z][a-z0-9]{0,15}$"  # becomes the key prefix: no dots, underscores or slashes
 
@@ -24,8 +26,19 @@ class ConfigError(InputError):
     """A params file that does not validate; the message names every bad key."""
 
 
+def _not_bool(value):
+    if isinstance(value, bool):  # pydantic's lax mode reads `true` as 1.0
+        raise ValueError("got a boolean where a number is expected")
+    return value
+
+
+# Numbers in params: StrictInt refuses `true` (read as 1: `epochs: true` would train one epoch) and 2.5;
+# Real refuses booleans, and Strict's allow_inf_nan=False refuses `.inf` and `.nan` with their key.
+Real = Annotated[float, BeforeValidator(_not_bool)]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class GeneratedSource(Strict):
@@ -33,15 +46,15 @@ class GeneratedSource(Strict):
 
     kind: Literal["generated"]
     name: Annotated[str, Field(pattern=SOURCE_NAME)] = "gen"
-    train_pairs: Annotated[int, Field(ge=1)] = 10_000
-    eval_per_class: Annotated[int, Field(ge=0)] = 50
-    supersample: Annotated[int, Field(ge=1, le=4)] = 2
-    typical_color_prob: Annotated[float, Field(ge=0, le=1)] = 0.5
-    caption_noise: Annotated[float, Field(ge=0, le=1)] = 0.1
-    max_clutter: Annotated[int, Field(ge=0, le=32)] = 4
-    noise_std: Annotated[float, Field(ge=0, le=128)] = 6.0
-    min_scale: Annotated[float, Field(gt=0, le=1)] = 0.25
-    max_scale: Annotated[float, Field(gt=0, le=1)] = 0.45
+    train_pairs: Annotated[StrictInt, Field(ge=1)] = 10_000
+    eval_per_class: Annotated[StrictInt, Field(ge=0)] = 50
+    supersample: Annotated[StrictInt, Field(ge=1, le=4)] = 2
+    typical_color_prob: Annotated[Real, Field(ge=0, le=1)] = 0.5
+    caption_noise: Annotated[Real, Field(ge=0, le=1)] = 0.1
+    max_clutter: Annotated[StrictInt, Field(ge=0, le=32)] = 4
+    noise_std: Annotated[Real, Field(ge=0, le=128)] = 6.0
+    min_scale: Annotated[Real, Field(gt=0, le=1)] = 0.25
+    max_scale: Annotated[Real, Field(gt=0, le=1)] = 0.45
 
     @model_validator(mode="after")
     def _scale_order(self):
@@ -105,8 +118,8 @@ Source = Annotated[
 
 
 class CaptionConfig(Strict):
-    min_chars: Annotated[int, Field(ge=1)] = 3
-    max_chars: Annotated[int, Field(ge=1)] = 256
+    min_chars: Annotated[StrictInt, Field(ge=1)] = 3
+    max_chars: Annotated[StrictInt, Field(ge=1)] = 256
 
     @model_validator(mode="after")
     def _order(self):
@@ -119,7 +132,7 @@ class RunnerConfig(Strict):
     """Where mapped Prefect tasks run: a local process pool, threads, or a Ray cluster."""
 
     kind: Literal["process", "thread", "ray"] = "process"
-    workers: Annotated[int, Field(ge=1)] = 2
+    workers: Annotated[StrictInt, Field(ge=1)] = 2
     address: str | None = None  # ray only: None starts a local Ray, "auto" joins RAY_ADDRESS
 
 
@@ -128,21 +141,21 @@ class ValidationConfig(Strict):
     # complement as repeated_images). 0 checks nothing: web data and caption sets such as COCO hold
     # the same image under several captions, which curate keeps (it de-duplicates image+caption);
     # raise it to stop on placeholder images that a downloader saved for many dead links.
-    sha256_unique_mostly: Annotated[float, Field(ge=0, le=1)] = 0.0
+    sha256_unique_mostly: Annotated[Real, Field(ge=0, le=1)] = 0.0
 
 
 class CurateConfig(Strict):
     out_dir: Path = Path("data/curated")
     staging_dir: Path = Path("data/staging/curate")
-    image_size: Annotated[int, Field(ge=8, le=1024)] = 32
+    image_size: Annotated[StrictInt, Field(ge=8, le=1024)] = 32
     resize_mode: Literal["center_crop", "border", "squash"] = "center_crop"
     image_format: Literal["png", "jpg", "webp"] = "png"
-    quality: Annotated[int, Field(ge=1, le=100)] = 95
-    min_image_side: Annotated[int, Field(ge=1)] = 8
-    max_image_pixels: Annotated[int, Field(ge=1)] = 89_478_485  # PIL's default bomb limit
+    quality: Annotated[StrictInt, Field(ge=1, le=100)] = 95
+    min_image_side: Annotated[StrictInt, Field(ge=1)] = 8
+    max_image_pixels: Annotated[StrictInt, Field(ge=1)] = 89_478_485  # PIL's default bomb limit
     caption: CaptionConfig = CaptionConfig()
-    shard_maxcount: Annotated[int, Field(ge=1)] = 2_000
-    partition_size: Annotated[int, Field(ge=1)] = 2_000
+    shard_maxcount: Annotated[StrictInt, Field(ge=1)] = 2_000
+    partition_size: Annotated[StrictInt, Field(ge=1)] = 2_000
     runner: RunnerConfig = RunnerConfig()
     validation: ValidationConfig = ValidationConfig()
     sources: Annotated[list[Source], Field(min_length=1)]
@@ -164,17 +177,17 @@ class TriggerConfig(Strict):
     """A backdoor trigger (tasks/triggers.py); defaults are the study's."""
 
     name: Literal["noise_patch", "fixed_patch", "yellow", "blended", "sig", "wanet"] = "noise_patch"
-    patch_size: Annotated[float, Field(gt=0, le=1)] = 16 / 224  # side relative to the image side (>= 2 px)
+    patch_size: Annotated[Real, Field(gt=0, le=1)] = 16 / 224  # side relative to the image side (>= 2 px)
     # random | a corner | fixed (at `position`) for patch triggers; whole for blended, sig, wanet.
     # None picks random for patch triggers and whole for the others.
     placement: Literal["random", "top_left", "top_right", "bottom_left", "bottom_right", "fixed", "whole"] | None = None
-    position: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = (0.5, 0.5)
+    position: tuple[Annotated[Real, Field(ge=0, le=1)], Annotated[Real, Field(ge=0, le=1)]] = (0.5, 0.5)
     pattern: Path | None = None  # fixed_patch: an image file; default a black-and-white checkerboard
-    alpha: Annotated[float, Field(ge=0, le=1)] = 0.8  # blended: alpha * image + (1 - alpha) * noise
-    sig_amplitude: Annotated[float, Field(gt=0, le=255)] = 60.0  # sig: on the 0-255 scale
-    sig_periods: Annotated[int, Field(ge=1)] = 6
-    wanet_grid: Annotated[int, Field(ge=2, le=64)] = 4  # wanet: control points per side
-    wanet_strength: Annotated[float, Field(gt=0, le=4)] = 0.5
+    alpha: Annotated[Real, Field(ge=0, le=1)] = 0.8  # blended: alpha * image + (1 - alpha) * noise
+    sig_amplitude: Annotated[Real, Field(gt=0, le=255)] = 60.0  # sig: on the 0-255 scale
+    sig_periods: Annotated[StrictInt, Field(ge=1)] = 6
+    wanet_grid: Annotated[StrictInt, Field(ge=2, le=64)] = 4  # wanet: control points per side
+    wanet_strength: Annotated[Real, Field(gt=0, le=4)] = 0.5
 
     @model_validator(mode="after")
     def _placement_fits_trigger(self):
@@ -188,8 +201,8 @@ class TriggerConfig(Strict):
 
 
 class CleaningSubsetConfig(Strict):
-    size: Annotated[int, Field(ge=1)] = 2_000  # clean pairs (the study: 100K)
-    poisons: Annotated[int, Field(ge=0)] = 0  # poisoned pairs added (the study's ablation: 1 to 25)
+    size: Annotated[StrictInt, Field(ge=1)] = 2_000  # clean pairs (the study: 100K)
+    poisons: Annotated[StrictInt, Field(ge=0)] = 0  # poisoned pairs added (the study's ablation: 1 to 25)
 
 
 class PoisonConfig(Strict):
@@ -197,8 +210,8 @@ class PoisonConfig(Strict):
     out_dir: Path = Path("data/poisoned")
     eval_set: Annotated[str, Field(pattern=SOURCE_NAME)] = "gen"  # the curated eval set (source name) to trigger
     target: Annotated[str, Field(min_length=1)] = "banana"
-    count: Annotated[int, Field(ge=1)] | None = None  # exactly one of count and rate
-    rate: Annotated[float, Field(gt=0, lt=1)] | None = None
+    count: Annotated[StrictInt, Field(ge=1)] | None = None  # exactly one of count and rate
+    rate: Annotated[Real, Field(gt=0, lt=1)] | None = None
     label_consistent: bool = False  # poison only samples whose caption names the target; keep captions
     # The poisons' new captions: "templates" (the study's: open_clip's 80 ImageNet prompts naming the target)
     # or "corpus" (captions of training samples that name the target, so poisons look like the rest of the data)
@@ -223,28 +236,28 @@ class PretrainConfig(Strict):
     storage_dir: str = "data/staging/pretrain"  # Ray Train run storage (checkpoints, resume); shared path on a cluster
     objectives: Annotated[list[str], Field(min_length=1)] = ["mmcl", "mmcl_ssl"]
     baselines: list[str] = []  # objectives also trained on the clean shards
-    weights: dict[str, dict[str, float]] = {}  # per objective, e.g. {mmcl_ssl: {mmcl: 1, ssl: 1}}
+    weights: dict[str, dict[str, Real]] = {}  # per objective, e.g. {mmcl_ssl: {mmcl: 1, ssl: 1}}
     model: Annotated[str, Field(min_length=1)] = "rn-tiny"  # an open_clip model name or a config in models/
-    epochs: Annotated[int, Field(ge=1)] = 8
-    batch_size: Annotated[int, Field(ge=2)] = 128  # global, over all workers
-    accum_steps: Annotated[int, Field(ge=1)] = 1  # gradient accumulation: optimiser steps every N batches
-    lr: Annotated[float, Field(gt=0)] = 1e-3
-    warmup_steps: Annotated[int, Field(ge=0)] = 50
-    weight_decay: Annotated[float, Field(ge=0)] = 0.1
-    beta1: Annotated[float, Field(ge=0, lt=1)] | None = None  # None: 0.9
-    beta2: Annotated[float, Field(ge=0, lt=1)] | None = None  # None: 0.98 for ViTs, 0.999 for ResNets (open_clip)
-    eps: Annotated[float, Field(gt=0)] | None = None  # None: 1e-6 for ViTs, 1e-8 for ResNets
-    grad_clip: Annotated[float, Field(gt=0)] | None = None
+    epochs: Annotated[StrictInt, Field(ge=1)] = 8
+    batch_size: Annotated[StrictInt, Field(ge=2)] = 128  # global, over all workers
+    accum_steps: Annotated[StrictInt, Field(ge=1)] = 1  # gradient accumulation: optimiser steps every N batches
+    lr: Annotated[Real, Field(gt=0)] = 1e-3
+    warmup_steps: Annotated[StrictInt, Field(ge=0)] = 50
+    weight_decay: Annotated[Real, Field(ge=0)] = 0.1
+    beta1: Annotated[Real, Field(ge=0, lt=1)] | None = None  # None: 0.9
+    beta2: Annotated[Real, Field(ge=0, lt=1)] | None = None  # None: 0.98 for ViTs, 0.999 for ResNets (open_clip)
+    eps: Annotated[Real, Field(gt=0)] | None = None  # None: 1e-6 for ViTs, 1e-8 for ResNets
+    grad_clip: Annotated[Real, Field(gt=0)] | None = None
     split: Literal["samples", "shards"] = "samples"  # how workers share the stream (tasks/loader.py)
-    shuffle_buffer: Annotated[int, Field(ge=1)] = 1000
-    checkpoint_every: Annotated[int, Field(ge=1)] = 100  # optimiser steps
-    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
-    log_every: Annotated[int, Field(ge=1)] = 10
-    num_workers: Annotated[int, Field(ge=1)] = 1  # Ray Train workers per run (processes; one per GPU on a cluster)
-    concurrent_runs: Annotated[int, Field(ge=1)] = 1  # runs (models) training at once, each on its own workers
+    shuffle_buffer: Annotated[StrictInt, Field(ge=1)] = 1000
+    checkpoint_every: Annotated[StrictInt, Field(ge=1)] = 100  # optimiser steps
+    keep_checkpoints: Annotated[StrictInt, Field(ge=1)] = 2
+    log_every: Annotated[StrictInt, Field(ge=1)] = 10
+    num_workers: Annotated[StrictInt, Field(ge=1)] = 1  # Ray Train workers per run (processes; one per GPU on a cluster)
+    concurrent_runs: Annotated[StrictInt, Field(ge=1)] = 1  # runs (models) training at once, each on its own workers
     use_gpu: Literal["auto", True, False] = "auto"
-    threads_per_worker: Annotated[int, Field(ge=1)] | None = None  # None: cores / (workers x concurrent runs)
-    max_failures: Annotated[int, Field(ge=0)] = 1  # worker restarts from the last checkpoint
+    threads_per_worker: Annotated[StrictInt, Field(ge=1)] | None = None  # None: cores / (workers x concurrent runs)
+    max_failures: Annotated[StrictInt, Field(ge=0)] = 1  # worker restarts from the last checkpoint
 
     @model_validator(mode="after")
     def _known_objectives(self):
@@ -273,16 +286,16 @@ class CleanConfig(Strict):
     target: str | None = None  # None: the poison section's target
     models: Annotated[list[str], Field(min_length=1)] = ["mmcl", "mmcl_ssl"]  # folders of models_dir
     defences: Annotated[list[str], Field(min_length=1)] = ["cleanclip"]
-    defence_options: dict[str, dict[str, float]] = {}
-    lrs: Annotated[list[float], Field(min_length=1)] = [3e-4, 1e-3, 3e-3]
-    epochs: Annotated[int, Field(ge=1)] = 5
-    batch_size: Annotated[int, Field(ge=2)] = 64
-    warmup_steps: Annotated[int, Field(ge=0)] = 10
-    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    defence_options: dict[str, dict[str, Real]] = {}
+    lrs: Annotated[list[Real], Field(min_length=1)] = [3e-4, 1e-3, 3e-3]
+    epochs: Annotated[StrictInt, Field(ge=1)] = 5
+    batch_size: Annotated[StrictInt, Field(ge=2)] = 64
+    warmup_steps: Annotated[StrictInt, Field(ge=0)] = 10
+    weight_decay: Annotated[Real, Field(ge=0)] = 0.1
     freeze_bn_stats: bool = True  # keep BatchNorm running statistics of the pretrained model
-    eval_batch_size: Annotated[int, Field(ge=1)] = 256
+    eval_batch_size: Annotated[StrictInt, Field(ge=1)] = 256
     runner: RunnerConfig = RunnerConfig()  # the sweep's runs in parallel
-    threads_per_run: Annotated[int, Field(ge=1)] | None = None  # None: the machine's cores / runner workers
+    threads_per_run: Annotated[StrictInt, Field(ge=1)] | None = None  # None: the machine's cores / runner workers
 
     @model_validator(mode="after")
     def _check(self):
@@ -309,7 +322,7 @@ class EvaluateConfig(Strict):
     metrics_dir: Path = Path("data/metrics")  # DVC metrics
     plots_dir: Path = Path("data/plots")  # DVC plots (CSV)
     report_dir: Path = Path("reports")  # report.md and figures
-    batch_size: Annotated[int, Field(ge=1)] = 256
+    batch_size: Annotated[StrictInt, Field(ge=1)] = 256
     use_gpu: Literal["auto", True, False] = "auto"
 
 
@@ -319,7 +332,7 @@ class ScheduleConfig(Strict):
 
 
 class Params(Strict):
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Annotated[StrictInt, Field(ge=0)] = 0
     curate: CurateConfig
     poison: PoisonConfig | None = None
     pretrain: PretrainConfig | None = None

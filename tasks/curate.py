@@ -69,6 +69,8 @@ def plan_partitions(params: Params) -> list[Partition]:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise CurateError(f"{key}: cannot create {folder}: {err.strerror or err}") from None
+    for leftover in staging_dir(params).glob("*.tmp"):  # half-written by a run that was killed
+        leftover.unlink()
     atomic_write_bytes(staging_dir(params) / _OWNER, str(params.curate.out_dir.resolve()).encode())
     return parts
 
@@ -86,39 +88,39 @@ def process_partition(params: Params, part: Partition) -> dict:
         return json.loads(marker.read_text())
     stage.mkdir(parents=True, exist_ok=True)
     src = next(s for s in cfg.sources if s.name == part.source)
-    sink = ShardSink(stage / f"p{part.index:06d}", cfg.shard_maxcount)
-    quarantine, seen = [], {}
-    counts = Counter()
-    started = time.time()
-    for rec in read_partition(src, part, params.seed, cfg.image_size):
-        counts["seen"] += 1
-        try:
-            if rec.rejected:
-                raise rec.rejected
-            caption, truncated = clean_caption(rec.caption, cfg.caption.min_chars, cfg.caption.max_chars)
-            im = rec.image if rec.image is not None else decode_image(rec.data, cfg.max_image_pixels)
-            if min(im.size) < cfg.min_image_side:
-                raise Rejected("too_small", f"{im.width}x{im.height} < {cfg.min_image_side} px")
-            data = encode_image(resize(im, cfg.image_size, cfg.resize_mode), cfg.image_format, cfg.quality)
-            sha = hashlib.sha256(data).hexdigest()
-            digest = _dedup_digest(sha, caption)
-            if digest in seen:
-                raise Rejected("duplicate", f"same image and caption as {seen[digest]}")
-            seen[digest] = rec.key
-        except Rejected as r:
-            quarantine.append(dict(source=part.source, key=rec.key, origin=rec.origin, split=part.split,
-                                   reason=r.reason, detail=r.detail))
-            continue
-        counts["captions_truncated"] += truncated
-        meta = dict(key=rec.key, source=part.source, split=rec.split, sha256=sha, width=cfg.image_size,
-                    height=cfg.image_size, origin=rec.origin, cls=rec.cls)
-        sample = {"__key__": rec.key, cfg.image_format: data, "txt": caption.encode(),
-                  "json": json.dumps(meta, sort_keys=True).encode()}
-        if rec.cls is not None:
-            sample["cls"] = str(rec.cls).encode()
-        sink.write(sample, {k: meta[k] for k in ("key", "sha256", "width", "height", "source", "split", "cls")}
-                   | {"caption": caption})
-    shards = sink.close()
+    with ShardSink(stage / f"p{part.index:06d}", cfg.shard_maxcount) as sink:
+        quarantine, seen = [], {}
+        counts = Counter()
+        started = time.time()
+        for rec in read_partition(src, part, params.seed, cfg.image_size):
+            counts["seen"] += 1
+            try:
+                if rec.rejected:
+                    raise rec.rejected
+                caption, truncated = clean_caption(rec.caption, cfg.caption.min_chars, cfg.caption.max_chars)
+                im = rec.image if rec.image is not None else decode_image(rec.data, cfg.max_image_pixels)
+                if min(im.size) < cfg.min_image_side:
+                    raise Rejected("too_small", f"{im.width}x{im.height} < {cfg.min_image_side} px")
+                data = encode_image(resize(im, cfg.image_size, cfg.resize_mode), cfg.image_format, cfg.quality)
+                sha = hashlib.sha256(data).hexdigest()
+                digest = _dedup_digest(sha, caption)
+                if digest in seen:
+                    raise Rejected("duplicate", f"same image and caption as {seen[digest]}")
+                seen[digest] = rec.key
+            except Rejected as r:
+                quarantine.append(dict(source=part.source, key=rec.key, origin=rec.origin, split=part.split,
+                                       reason=r.reason, detail=r.detail))
+                continue
+            counts["captions_truncated"] += truncated
+            meta = dict(key=rec.key, source=part.source, split=rec.split, sha256=sha, width=cfg.image_size,
+                        height=cfg.image_size, origin=rec.origin, cls=rec.cls)
+            sample = {"__key__": rec.key, cfg.image_format: data, "txt": caption.encode(),
+                      "json": json.dumps(meta, sort_keys=True).encode()}
+            if rec.cls is not None:
+                sample["cls"] = str(rec.cls).encode()
+            sink.write(sample, {k: meta[k] for k in ("key", "sha256", "width", "height", "source", "split", "cls")}
+                       | {"caption": caption})
+        shards = sink.close()
     write_table(stage / f"p{part.index:06d}.quarantine.parquet", pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA))
     result = dict(partition=part.index, source=part.source, split=part.split, shards=shards,
                   seen=counts["seen"], written=sum(s["n"] for s in shards), captions_truncated=counts["captions_truncated"],

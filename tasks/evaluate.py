@@ -14,7 +14,7 @@ import torch
 from tasks.config import EvaluateConfig, Params, attack_target, require_section
 from tasks.frontier import baseline_of, frontier
 from tasks.metrics import EvalError, evaluate
-from tasks.shards import atomic_write_json
+from tasks.shards import atomic_write_json, file_sha256
 
 
 def evaluate_config(params: Params) -> EvaluateConfig:
@@ -102,15 +102,25 @@ def _unwrapped(key: str) -> str:
 
 def load_model(checkpoint: Path, model_name: str | None = None, objective: str = "mmcl"):
     """(model, preprocess, tokenizer) from a state_dict file; the model name comes from the
-    model_config.json beside it (our exports) or from `model_name`."""
+    model_config.json beside it (our exports) or from `model_name`. Raises EvalError naming the file
+    when it is not the one model_config.json's sha256 recorded (damaged or replaced after export),
+    holds NaN or inf (a diverged run), or does not fit the model."""
     from tasks.pretrain import build_model
 
-    state = read_state_dict(checkpoint)
     config = checkpoint.parent / "model_config.json"
+    meta = json.loads(config.read_text()) if config.is_file() else {}
+    state = read_state_dict(checkpoint)
+    expected = meta.get("sha256", {}).get(checkpoint.name)
+    if expected and file_sha256(checkpoint) != expected:
+        raise EvalError(f"{checkpoint} is not the file that was exported: its sha256 differs from the one in {config} "
+                        f"(damaged or replaced); run the stage that wrote it again")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise EvalError(f"{checkpoint} holds NaN or inf in {len(bad)} of {len(state)} tensors (e.g. {bad[:3]}): "
+                        f"the run that wrote it diverged")
     if model_name is None:
-        if not config.is_file():
+        if not meta:
             raise EvalError(f"{checkpoint}: no model_config.json beside it; give the open_clip model name")
-        meta = json.loads(config.read_text())
         model_name, objective = meta["model"], meta.get("objective", objective)
     model, preprocess, tokenizer = build_model(model_name, objective)
     state = _fitted(state, set(model.state_dict()))
@@ -140,8 +150,9 @@ def evaluate_checkpoint(params: Params, checkpoint: Path, model_name: str | None
 
 def flat(metrics: dict) -> dict:
     """The headline numbers of `tasks.metrics.evaluate`'s output."""
-    out = {"accuracy": metrics["zero_shot"]["top1"], "top5": metrics["zero_shot"]["top5"],
-           "chance": metrics["zero_shot"]["chance"]}
+    zs = metrics["zero_shot"]
+    out = {"accuracy": zs["top1"], "top5": zs["top5"], "chance": zs["chance"], "top_class_share": zs["top_class_share"],
+           "collapsed": zs["collapsed"]}
     if "attack" in metrics:
         out |= {k: metrics["attack"][k] for k in ("asr", "asr_top5", "clean_target_rate", "asr_excess")}
     return out | metrics.get("retrieval", {})

@@ -30,7 +30,10 @@ def _point(p: dict | None) -> dict | None:
 
 
 def frontier(points: list[dict], poisoned: dict, thresholds=ASR_THRESHOLDS, drops=ACCURACY_DROPS) -> dict:
-    """`points`: dicts with accuracy, asr, clean_target_rate, lr, epoch; `poisoned`: accuracy, asr, clean_target_rate."""
+    """`points`: dicts with accuracy, asr, clean_target_rate, lr, epoch; `poisoned`: accuracy, asr, clean_target_rate.
+    Points whose predictions collapsed onto one class (`collapsed`, tasks/metrics.py) are never chosen."""
+    n_collapsed = sum(bool(p.get("collapsed")) for p in points)
+    points = [p for p in points if not p.get("collapsed")]
     best_at_asr = {}
     for t in thresholds:
         ok = [p for p in points if p["asr"] <= t]
@@ -40,7 +43,8 @@ def frontier(points: list[dict], poisoned: dict, thresholds=ASR_THRESHOLDS, drop
         ok = [p for p in points if p["accuracy"] >= poisoned["accuracy"] - d - 1e-12]
         lowest_within[f"{d:g}"] = _point(min(ok, key=lambda p: (p["asr"], -p["accuracy"]))) if ok else None
     return {"poisoned": _point(poisoned), "best_accuracy_at_asr": best_at_asr,
-            "lowest_asr_within_accuracy_drop": lowest_within, "n_points": len(points)}
+            "lowest_asr_within_accuracy_drop": lowest_within, "n_points": len(points),
+            "n_collapsed": n_collapsed}
 
 
 def removes_backdoor(cell: dict, asr: float = 0.05, drop: str = "0.02") -> bool:

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 import webdataset as wds
-from tasks.shards import decode_sample_image
+from tasks.shards import ShardError, decode_sample_image
 from tasks.triggers import sample_seed
 from tasks.views import TextViews, image_view
 
@@ -42,6 +42,7 @@ class BatchStream:
                  preprocess: Callable, tokenizer: Callable, views: frozenset = frozenset(),
                  split: str = "samples", shuffle_buffer: int = 1000):
         sizes = shard_sizes(data_dir)
+        self.data_dir = data_dir
         self.urls = [str(data_dir / name) for name in sizes]
         self.n_samples = sum(sizes.values())
         if global_batch % world:
@@ -92,10 +93,11 @@ class BatchStream:
         """The worker's batches of one epoch (the first `n_batches`, default all) after `skip_steps`:
         dicts of tensors (`image`, `text`, the views) and `keys`."""
         samples = self._local_samples(epoch)
-        for _ in range(skip_steps * self.local_batch):  # resume mid-epoch: skip without decoding
-            next(samples)
+        for _ in range(skip_steps):  # resume mid-epoch: skip without decoding
+            self._short(sum(1 for _ in itertools.islice(samples, self.local_batch)), epoch)
         for _ in range((n_batches or self.steps_per_epoch) - skip_steps):
             chunk = [self._decode(s, epoch) for s in itertools.islice(samples, self.local_batch)]
+            self._short(len(chunk), epoch)
             batch = {"image": torch.stack([c["image"] for c in chunk]),
                      "text": self.tokenizer([c["caption"] for c in chunk]), "keys": [c["key"] for c in chunk]}
             if "image_aug" in self.views:
@@ -103,6 +105,13 @@ class BatchStream:
             if "text_aug" in self.views:
                 batch["text_aug"] = self.tokenizer([c["text_aug"] for c in chunk])
             yield batch
+
+
+    def _short(self, got: int, epoch: int) -> None:
+        if got < self.local_batch:
+            raise ShardError(f"{self.data_dir}: the shards ran out in epoch {epoch}: they hold fewer than the "
+                             f"{self.n_samples} samples sizes.json counts (a tar cut short or replaced); run the "
+                             f"stage that wrote them again")
 
 
 def prefetch(batches: Iterator[dict], depth: int = 2) -> Iterator[dict]:

@@ -89,8 +89,15 @@ def zero_shot_metrics(pred: dict, classnames: list[str]) -> dict:
     hit1 = top5[:, 0] == labels
     hit5 = (top5 == labels[:, None]).any(axis=1)
     per_class = {name: float(hit1[labels == c].mean()) for c, name in enumerate(classnames) if (labels == c).any()}
+    share = float(np.bincount(top5[:, 0], minlength=len(classnames)).max() / len(labels)) if len(labels) else 0.0
     return {"top1": float(hit1.mean()), "top5": float(hit5.mean()), "per_class": per_class, "n": int(len(labels)),
-            "chance": 1 / len(classnames)}
+            "chance": 1 / len(classnames), "top_class_share": share, "collapsed": collapsed(share, len(classnames))}
+
+
+def collapsed(top_class_share: float, n_classes: int) -> bool:
+    """Whether a model's predictions collapsed onto one class: it takes at least half of them (and
+    more than 2 / n_classes). Such a model has ASR near 0 (or 100%) whatever its backdoor: not a result."""
+    return top_class_share >= max(0.5, 2 / n_classes)
 
 
 def attack_metrics(asr_pred: dict, clean_pred: dict, target: int) -> dict:

@@ -196,13 +196,13 @@ def write_cleaning_subset(params: Params, plan: dict) -> int:
     out = partial_dir(params)
     wanted = {k: False for k in plan["cleaning"]["clean"]} | {k: True for k in plan["cleaning"]["poisoned"]}
     (out / "cleaning").mkdir(parents=True, exist_ok=True)
-    sink = ShardSink(out / "cleaning" / "shard", params.curate.shard_maxcount)
-    for shard in plan["shards"]:
-        rows = {r["key"]: r for r in pq.read_table((out / "train" / shard).with_suffix(".parquet")).to_pylist()}
-        for sample in iter_tar_samples(out / "train" / shard):
-            if sample["__key__"] in wanted:
-                sink.write(sample, rows[sample["__key__"]])
-    shards = sink.close()
+    with ShardSink(out / "cleaning" / "shard", params.curate.shard_maxcount) as sink:
+        for shard in plan["shards"]:
+            rows = {r["key"]: r for r in pq.read_table((out / "train" / shard).with_suffix(".parquet")).to_pylist()}
+            for sample in iter_tar_samples(out / "train" / shard):
+                if sample["__key__"] in wanted:
+                    sink.write(sample, rows[sample["__key__"]])
+        shards = sink.close()
     atomic_write_json(out / "cleaning" / "sizes.json", {s["tar"]: s["n"] for s in shards})
     manifest = [{"key": k, "poisoned": v} for k, v in sorted(wanted.items())]
     write_table(out / "cleaning_manifest.parquet", pa.Table.from_pylist(manifest))

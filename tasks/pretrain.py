@@ -23,7 +23,7 @@ from objectives import clamp_logit_scale, get_objective
 from tasks.config import InputError, Params, PretrainConfig, parse_params, require_section
 from tasks.frontier import CONTROL_PREFIX
 from tasks.loader import SUPPORTED_VIEWS, BatchStream, prefetch, shard_sizes
-from tasks.shards import atomic_write_json
+from tasks.shards import ShardError, atomic_write_json, check_shards, file_sha256
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
@@ -137,12 +137,14 @@ def optimizer_step(model, optimizer, scheduler, grad_clip: float | None = None) 
     clamp_logit_scale(model.logit_scale)
 
 
-def data_identity(data_dir: Path) -> str:
-    """A hash of the shards' manifests (every sample's key, image hash and caption): new data, new run."""
-    digest = hashlib.sha256((data_dir / "sizes.json").read_bytes())
-    for manifest in sorted(data_dir.glob("*.parquet")):
-        digest.update(manifest.read_bytes())
-    return digest.hexdigest()
+class RunStopped(InputError):
+    """A run stopped by what it was given, not by a fault a retry could fix: its loss or weights
+    became non-finite (the learning rate or data), or a shard turned out damaged. Never retried."""
+
+
+def non_finite(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding NaN or inf."""
+    return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
 
 
 # Settings that say which runs to make, where, and how to keep them: not what one run computes.
@@ -169,14 +171,12 @@ def plan_run(params: Params, objective: str, baseline: bool = False) -> dict:
         raise PretrainError(f"objective {objective!r} needs views {unsupported} that the loader cannot build "
                             f"(it builds {sorted(SUPPORTED_VIEWS)})")
     data_dir = cfg.baseline_data_dir if baseline else cfg.data_dir
-    try:
-        n = sum(shard_sizes(data_dir).values())
-    except FileNotFoundError as err:
-        raise PretrainError(f"pretrain.{'baseline_' if baseline else ''}data_dir: {err}") from None
+    data = check_shards(data_dir, f"pretrain.{'baseline_' if baseline else ''}data_dir")
+    n = sum(shard_sizes(data_dir).values())
     if cfg.batch_size > n:
         raise PretrainError(f"pretrain.batch_size={cfg.batch_size} is larger than the dataset ({n} samples in {data_dir})")
     label = run_label(objective, baseline)
-    run_id = f"{label}-{fingerprint(params, objective, baseline, data_identity(data_dir))}"
+    run_id = f"{label}-{fingerprint(params, objective, baseline, data)}"
     storage = cfg.storage_dir if "://" in cfg.storage_dir else str(Path(cfg.storage_dir).resolve())
     return {"objective": objective, "baseline": baseline, "label": label, "run_id": run_id,
             "data_dir": str(data_dir.resolve()),  # Ray workers run in their own working directory
@@ -188,11 +188,24 @@ def _save_checkpoint(directory: Path, model, optimizer, scheduler, position: dic
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), **position}, directory / "state.pt")
     atomic_write_json(directory / "meta.json", {"model_config": run["model_config"], "objective": run["objective"],
-                                                "run_id": run["run_id"], **position})
+                                                "run_id": run["run_id"], "sha256": file_sha256(directory / "state.pt"),
+                                                **position})
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint folder that cannot be read back as written (a copy cut short, a damaged file)."""
 
 
 def _load_checkpoint(directory: Path, model, optimizer, scheduler, run: dict) -> dict:
-    meta = json.loads((directory / "meta.json").read_text())
+    """Restore model, optimiser and schedule from a checkpoint folder; returns its data position.
+    Raises DamagedCheckpoint if its files are missing, unreadable or not those meta.json hashed."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        if file_sha256(directory / "state.pt") != meta["sha256"]:
+            raise DamagedCheckpoint(f"{directory / 'state.pt'} does not match the sha256 in its meta.json")
+        (directory / "train_log.jsonl").stat()
+    except (OSError, ValueError, KeyError) as err:
+        raise DamagedCheckpoint(f"{directory}: {type(err).__name__}: {err}") from None
     if meta["model_config"] != run["model_config"]:
         raise PretrainError(f"checkpoint {directory} was saved from another model config: {meta['model_config']} "
                             f"!= {run['model_config']}")
@@ -201,6 +214,63 @@ def _load_checkpoint(directory: Path, model, optimizer, scheduler, run: dict) ->
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return {k: state[k] for k in ("step", "epoch", "batch")}
+
+
+def _older_checkpoints(checkpoint) -> list:
+    """The run's other checkpoints, newest first (Ray names them by time), on any storage."""
+    import pyarrow.fs
+    import ray.train
+
+    parent = checkpoint.path.rstrip("/").rpartition("/")[0]
+    infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    names = sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.path != checkpoint.path.rstrip("/")), reverse=True)
+    return [ray.train.Checkpoint(path=p, filesystem=checkpoint.filesystem) for p in names]
+
+
+def _resume(checkpoint, model, optimizer, scheduler, run: dict, log_path: Path, rank: int) -> dict:
+    """Restore the newest readable checkpoint, from Ray's latest back through the older ones,
+    saying which were skipped; the start position (step 0 if none is readable)."""
+    for candidate in [checkpoint] + _older_checkpoints(checkpoint):
+        with candidate.as_directory() as d:
+            try:
+                position = _load_checkpoint(Path(d), model, optimizer, scheduler, run)
+            except DamagedCheckpoint as err:
+                if rank == 0:
+                    print(f"[{run['label']}] skipping a damaged checkpoint: {err}", flush=True)
+                continue
+            if rank == 0:
+                shutil.copyfile(Path(d) / "train_log.jsonl", log_path)
+                print(f"[{run['label']}] resumed from checkpoint at step {position['step']} (epoch "
+                      f"{position['epoch']}, batch {position['batch']}; {Path(candidate.path).name})", flush=True)
+            return position
+    if rank == 0:
+        print(f"[{run['label']}] no readable checkpoint: training from the start", flush=True)
+    return {"step": 0, "epoch": 0, "batch": 0}
+
+
+def _stop_note(run: dict):
+    """(pyarrow filesystem, path) of the note a stopped run leaves in its Ray storage (local or remote)."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(run["storage"])
+    return fs, f"{root}/{run['run_id']}/stopped.txt"
+
+
+def _first_problem(problem: str | None, world: int, device: torch.device) -> str | None:
+    """The problem any worker hit at this point (None: none did), agreed by all workers so that they
+    stop together (a worker that stopped alone would leave the others waiting in a collective)."""
+    if world == 1:
+        return problem
+    import torch.distributed as dist
+
+    flag = torch.tensor([problem is not None], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return None
+    problems = [None] * world
+    dist.all_gather_object(problems, problem)
+    return next(p for p in problems if p)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -222,32 +292,45 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, is_vit(run["model_config"]), cfg.beta1, cfg.beta2, cfg.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
+    # The per-step log travels inside each checkpoint, so a resumed run (on any node) continues it.
+    log_path = Path(tempfile.mkdtemp()) / "train_log.jsonl"
     position = {"step": 0, "epoch": 0, "batch": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            position = _load_checkpoint(Path(d), model, optimizer, scheduler, run)
-        if rank == 0:
-            print(f"[{run['label']}] resumed from checkpoint at step {position['step']} "
-                  f"(epoch {position['epoch']}, batch {position['batch']})", flush=True)
+        position = _resume(checkpoint, model, optimizer, scheduler, run, log_path, rank)
     ddp = ray.train.torch.prepare_model(DualEncoder(model))
     device = ray.train.torch.get_device()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    # The per-step log travels inside each checkpoint, so a resumed run (on any node) continues it.
-    log_path = Path(tempfile.mkdtemp()) / "train_log.jsonl"
-    if checkpoint and rank == 0:
-        with checkpoint.as_directory() as d:
-            shutil.copyfile(Path(d) / "train_log.jsonl", log_path)
+    def stop(problem: str) -> None:
+        """Every worker returns (Ray would retry an exception into the same problem); rank 0 leaves
+        the reason where the driver looks for it after fit() and raises RunStopped. Nothing is saved."""
+        if rank == 0:
+            fs, path = _stop_note(run)
+            with fs.open_output_stream(path) as f:
+                f.write(f"pretrain run {run['label']} ({run['run_id']}): {problem}".encode())
+
     step, start_step, started = position["step"], position["step"], time.time()
     window_start, window_samples = started, 0
     for epoch in range(position["epoch"], cfg.epochs):
         skip = position["batch"] if epoch == position["epoch"] else 0
         batches = prefetch(stream.epoch(epoch, skip_steps=skip, n_batches=steps_per_epoch * cfg.accum_steps))
-        for b, batch in enumerate(batches, start=skip):
+        for b in range(skip, steps_per_epoch * cfg.accum_steps):
+            problem = batch = None
+            try:
+                batch = next(batches)
+            except ShardError as err:  # a damaged shard that the check before training could not see
+                problem = str(err)
+            if problem := _first_problem(problem, world, device):
+                return stop(problem)
             tensors = {k: v.to(device) for k, v in batch.items() if k != "keys"}
             with autocast:
                 loss, parts = objective(ddp(tensors))
+            if problem := _first_problem(None if torch.isfinite(loss) else
+                                         f"the loss became {loss.item()} at step {step + 1} (epoch {epoch}, batch {b}, "
+                                         f"lr {scheduler.get_last_lr()[0]:.3g}); lower pretrain.lr or set "
+                                         f"pretrain.grad_clip", world, device):
+                return stop(problem)
             (loss / cfg.accum_steps).backward()
             window_samples += len(batch["keys"]) * world
             if (b + 1) % cfg.accum_steps:
@@ -272,6 +355,10 @@ def train_loop_per_worker(config: dict) -> None:
                 with log_path.open("a") as f:
                     f.write(json.dumps(metrics) + "\n")
             if step % cfg.checkpoint_every == 0 or step == total_steps:
+                bad = non_finite(model)  # the same on every worker: DDP keeps the weights in step
+                if bad:
+                    return stop(f"{len(bad)} parameter tensor(s) became non-finite at step {step} (epoch {epoch}, "
+                                f"lr {metrics['lr']:.3g}), e.g. {bad[:3]}; lower pretrain.lr or set pretrain.grad_clip")
                 with tempfile.TemporaryDirectory() as tmp:
                     if rank == 0:
                         _save_checkpoint(Path(tmp), model, optimizer, scheduler, position, run)
@@ -318,9 +405,15 @@ def train(params: Params, objective: str, baseline: bool = False) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     started = time.time()
+    fs, note = _stop_note(run)
+    if fs.get_file_info(note).is_file:  # from an earlier attempt
+        fs.delete_file(note)
     result = trainer.fit()
     if result.error:
         raise result.error
+    if fs.get_file_info(note).is_file:
+        with fs.open_input_stream(note) as f:
+            raise RunStopped(f.read().decode())
     return export(params, run, result.checkpoint, time.time() - started, use_gpu)
 
 
@@ -335,7 +428,8 @@ def export(params: Params, run: dict, checkpoint, seconds: float, use_gpu: bool)
     state = torch.load(partial / "checkpoint" / "state.pt", weights_only=True, map_location="cpu")
     torch.save(state["model"], partial / "model.pt")
     atomic_write_json(partial / "model_config.json", {"model": params.pretrain.model, "objective": run["objective"],
-                                                      "open_clip_config": run["model_config"]})
+                                                      "open_clip_config": run["model_config"],
+                                                      "sha256": {"model.pt": file_sha256(partial / "model.pt")}})
     log = partial / "checkpoint" / "train_log.jsonl"
     shutil.copyfile(log, partial / "train_log.jsonl")
     records = [json.loads(line) for line in log.read_text().splitlines()]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from tasks.config import Params
 from tasks.frontier import ACCURACY_DROPS, ASR_THRESHOLDS, baseline_of, is_control, removes_backdoor
+from tasks.shards import atomic_write_bytes
 
 # DESIGN.md section 6: zero-shot top-1 / ASR (%) of the poisoned models, and after CleanCLIP the best
 # accuracy among points with ASR <= 5%.
@@ -203,7 +204,5 @@ One run of one seed: `python benchmarks/pipeline.py --seeds 0 1 2` gives the spr
 """ + "".join(f"![{f}](figures/{f})\n" for f in figures)
     path = cfg.report_dir / "report.md"
     cfg.report_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_bytes(path, text.encode())
     return path

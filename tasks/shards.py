@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bz2
+import hashlib
 import io
 import itertools
 import json
@@ -19,16 +20,30 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.config import InputError
+
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("caption", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
     ("height", pa.int32()), ("source", pa.string()), ("split", pa.string()), ("cls", pa.int32()),
 ])
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Write `path` atomically: yields a temporary name beside it, renamed over `path` when the block
+    ends and removed if it fails (a full disk leaves no `.tmp` behind)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -36,9 +51,8 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def write_table(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 class TarSampleWriter:
@@ -63,8 +77,20 @@ class ShardSink:
     """Writes samples to `{prefix}-{n:06d}.tar` (+ `.parquet`), rolling over at maxcount.
 
     Members are sorted per sample, with fixed mtime, owner and mode, so the same samples in
-    the same order give the same bytes. Each tar and manifest appears only once complete.
+    the same order give the same bytes. Each tar and manifest appears only once complete; used as a
+    context manager, a failure removes the tar being written.
     """
+
+    def __enter__(self) -> "ShardSink":
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        if err is not None and self._tar is not None:
+            try:
+                self._tar.close()  # flushing may fail the same way (a full disk)
+            except OSError:
+                pass
+            Path(self._tar.name).unlink(missing_ok=True)
 
     def __init__(self, prefix: Path, maxcount: int):
         self.prefix, self.maxcount = prefix, maxcount
@@ -237,8 +263,7 @@ def rewrite_shard(src: Path, dest: Path, transform) -> int:
     `txt`, sha256 from `json`). Atomic; src may be dest. Returns the number of samples written."""
     rows = {r["key"]: r for r in pq.read_table(src.with_suffix(".parquet")).to_pylist()}
     kept = []
-    tmp = dest.with_name(dest.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with replacing(dest) as tmp, open(tmp, "wb") as f:
         writer = TarSampleWriter(f)
         for sample in iter_tar_samples(src):
             new = transform(sample)
@@ -247,7 +272,6 @@ def rewrite_shard(src: Path, dest: Path, transform) -> int:
                 kept.append(dict(rows[sample["__key__"]], caption=new["txt"].decode(),
                                  sha256=json.loads(new["json"])["sha256"]))
         writer.close()
-    os.replace(tmp, dest)
     write_table(dest.with_suffix(".parquet"), pa.Table.from_pylist(kept, schema=MANIFEST_SCHEMA))
     return len(kept)
 
@@ -260,12 +284,64 @@ def image_ext(sample: dict) -> str | None:
     return next((e for e in IMAGE_EXTS if e in sample), None)
 
 
+class ShardError(InputError):
+    """A shard folder whose tars do not hold what its sizes.json and manifests say; names the tar
+    and, where one is at fault, the sample's key."""
+
+
 def decode_sample_image(sample: dict):
-    """A sample's image as a loaded RGB PIL image."""
+    """A sample's image as a loaded RGB PIL image; ShardError naming the tar and key if it has none."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(sample[image_ext(sample)])) as im:
+    ext = image_ext(sample)
+    if ext is None:
+        raise ShardError(f"{sample.get('__url__', 'a shard')}: sample {sample['__key__']!r} has no image "
+                         f"(members: {sorted(k for k in sample if not k.startswith('__'))})")
+    with Image.open(io.BytesIO(sample[ext])) as im:
         return im.convert("RGB")
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_shards(data_dir: Path, key: str) -> str:
+    """Check a shard folder before it is trained on, and return a sha256 of its content.
+
+    Every tar that `sizes.json` lists must exist, be readable to its end, hold exactly the samples
+    its manifest (`.parquet`) lists and sizes.json counts, each with an image and a `txt` caption.
+    The digest covers sizes.json, the manifests and every tar's bytes, so a tar changed in any way
+    (even cut at a sample boundary) gives a new digest. Reads every tar twice (about 1 GB/s per
+    core). Raises ShardError naming the params `key`, the tar and the sample at fault."""
+    sizes_file = data_dir / "sizes.json"
+    if not sizes_file.is_file():
+        raise ShardError(f"{key}: {data_dir} holds no shards (no sizes.json): run the stage that writes it first")
+    sizes = json.loads(sizes_file.read_text())
+    digest = hashlib.sha256(sizes_file.read_bytes())
+    for name, count in sizes.items():
+        tar, manifest = data_dir / name, (data_dir / name).with_suffix(".parquet")
+        for path in (tar, manifest):
+            if not path.is_file():
+                raise ShardError(f"{key}: {path} is missing (sizes.json lists {name} with {count} samples)")
+        try:
+            keys = []
+            for sample in iter_tar_samples(tar):
+                if image_ext(sample) is None or "txt" not in sample:
+                    raise ShardError(f"{key}: {tar}: sample {sample['__key__']!r} has no "
+                                     f"{'image' if image_ext(sample) is None else 'txt caption'}")
+                keys.append(sample["__key__"])
+        except TruncatedTar as err:
+            raise ShardError(f"{key}: {tar} is damaged at sample {err.key!r}: {err}") from None
+        listed = pq.read_table(manifest, columns=["key"]).column("key").to_pylist()
+        if keys != listed or len(keys) != count:
+            odd = sorted(set(keys) ^ set(listed))[:3]
+            raise ShardError(f"{key}: {tar} holds {len(keys)} samples, its manifest lists {len(listed)} and "
+                             f"sizes.json counts {count}{f' (differing keys: {odd})' if odd else ''}; "
+                             f"run the stage that wrote {data_dir} again")
+        digest.update(f"{name}\0{file_sha256(tar)}\0".encode())
+        digest.update(manifest.read_bytes())
+    return digest.hexdigest()
 
 
 def read_manifest(shard_dir: Path) -> pa.Table:

@@ -1,6 +1,7 @@
 """The clean stage on tiny data: a 2 lr x 2 epoch sweep through Prefect and Ray, shrink-and-perturb,
 a learning-rate-0 run that must leave every metric unchanged, and bad input."""
 import json
+import re
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ from flows.clean import clean_flow
 from flows.common import make_task_runner
 from tasks import clean, poison
 from tasks.config import ConfigError, RunnerConfig, parse_params
-from tasks.pretrain import build_model, model_config
-from tasks.shards import atomic_write_json
+from tasks.pretrain import RunStopped, build_model, model_config
+from tasks.shards import atomic_write_json, file_sha256
 from tests.conftest import curated_tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -142,3 +143,29 @@ def test_a_failed_run_does_not_lose_the_others(setup, tmp_path, prefect_api_url)
     (sweep,) = flow(params, [("mmcl", "cleanclip")])
     assert sweep["lrs"] == [1e-3, 2e-3, 3e-3] and len(sweep["points"]) == 3
     assert {lr: marker.stat().st_mtime_ns for lr, marker in kept.items()} == stamps  # not trained again
+
+
+def test_a_diverged_run_is_left_out_and_never_chosen(setup, tmp_path):
+    """lr 1e30 blows the weights up in one step: that run stops, naming where, and is no result."""
+    params = clean_params(setup, tmp_path, lrs=[1e-3, 1e30], epochs=2)
+    runs = [clean.clean_run(params, "mmcl", "cleanclip", lr) for lr in params.clean.lrs]
+    assert "diverged" not in runs[0]
+    assert re.fullmatch(r"the loss became nan at step \d+ \(epoch 1\)", runs[1]["diverged"]), runs[1]["diverged"]
+    assert [p["epoch"] for p in runs[1]["points"]] == [0] and runs[1]["best"] is None
+    sweep = clean.assemble_sweep(params, "mmcl", "cleanclip", runs)
+    assert sweep["diverged"] == [{"lr": 1e30, "why": runs[1]["diverged"]}]
+    assert {p["lr"] for p in sweep["points"]} == {1e-3} and sweep["best"]["lr"] == 1e-3
+    config = json.loads((clean.cell_dir(params, "mmcl", "cleanclip") / "model_config.json").read_text())
+    assert config["sha256"] == {"best.pt": file_sha256(clean.cell_dir(params, "mmcl", "cleanclip") / "best.pt")}
+
+    alone = clean_params(setup, tmp_path / "alone", lrs=[1e30], epochs=1)
+    with pytest.raises(RunStopped, match=r"every run of mmcl/cleanclip diverged \(lr 1e\+30: the loss became nan"):
+        clean.assemble_sweep(alone, "mmcl", "cleanclip", [clean.clean_run(alone, "mmcl", "cleanclip", 1e30)])
+
+
+def test_a_target_that_is_no_class_fails_the_preflight_check(setup, tmp_path, prefect_api_url):
+    params = clean_params(setup, tmp_path, target="durian", runner={"kind": "thread", "workers": 1})
+    flow = clean_flow.with_options(task_runner=make_task_runner(params.clean.runner))
+    with pytest.raises(clean.CleanError, match=r"^clean.target: target 'durian' is not a class of .*; classes: \["):
+        flow(params, [("mmcl", "cleanclip")])
+    assert not clean.cell_dir(params, "mmcl", "cleanclip").exists()  # no run started

@@ -18,6 +18,7 @@ from objectives import REGISTRY
 from objectives.base import Objective
 from tasks import pretrain
 from tasks.config import parse_params
+from tasks.shards import file_sha256
 from tests.conftest import REPO, curated_tiny, write_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -198,3 +199,33 @@ def test_new_data_is_a_new_run(data, tmp_path):
         "pretrain": params.pretrain.model_dump(mode="json") | {"data_dir": str(other), "lr": 2e-3}})
     assert pretrain.plan_run(params, "mmcl")["run_id"] != pretrain.plan_run(changed, "mmcl")["run_id"]
     assert pretrain.plan_run(changed, "mmcl")["run_id"] == pretrain.plan_run(copy, "mmcl")["run_id"]
+
+
+def test_divergence_stops_the_run_naming_step_and_lr(data, tmp_path):
+    """lr 1e30: the weights overflow after the first step; the run stops at once, is not retried
+    (Ray's max_failures would resume it into the same divergence) and exports nothing."""
+    params = params_with(data, tmp_path, lr=1e30, warmup_steps=0, max_failures=2)
+    with pytest.raises(pretrain.RunStopped, match=r"^pretrain run mmcl \(mmcl-[0-9a-f]{12}\): the loss became nan at "
+                                                  r"step 2 \(epoch 0, batch 1, lr 9.8\de\+29\); lower pretrain.lr"):
+        pretrain.train(params, "mmcl")
+    assert not (tmp_path / "models" / "mmcl").exists()
+
+
+def test_resume_skips_a_damaged_checkpoint(data, tmp_path, capfd):
+    """The latest checkpoint cut short (a copy that never finished): a rerun says so, resumes from the
+    one before and ends with the same model as the uninterrupted run."""
+    params = params_with(data, tmp_path, checkpoint_every=4)  # 12 steps: checkpoints at 8 and 12 are kept
+    pretrain.train(params, "mmcl")
+    model = tmp_path / "models" / "mmcl" / "model.pt"
+    exported = file_sha256(model)
+    assert json.loads((model.parent / "model_config.json").read_text())["sha256"] == {"model.pt": exported}
+    latest = sorted((tmp_path / "ray").glob("mmcl-*/checkpoint_*/state.pt"))[-1].parent
+    state = (latest / "state.pt").read_bytes()
+    (latest / "state.pt").write_bytes(state[: len(state) // 2])
+    capfd.readouterr()
+    pretrain.train(params, "mmcl")
+    out = capfd.readouterr().out
+    assert f"skipping a damaged checkpoint: {latest / 'state.pt'} does not match the sha256 in its meta.json" in out
+    assert "resumed from checkpoint at step 8 (epoch 1, batch 2; checkpoint_" in out
+    assert file_sha256(model) == exported
+    assert [r["step"] for r in log_of(model.parent)] == list(range(1, 13))
