@@ -11,7 +11,7 @@ from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
 
-from flows.common import make_task_runner, params_from_argv, prefect_api, stage_command, worth_retrying
+from flows.common import NO_SPACE, make_task_runner, params_from_argv, prefect_api, stage_command, worth_retrying
 from tasks import clean
 from tasks.config import InputError, Params
 
@@ -40,6 +40,10 @@ def clean_flow(params: Params, cells: list[tuple[str, str]]) -> list[dict]:
                     f.result()
                 except InputError:  # bad input fails every run alike: say what, not "rerun"
                     raise
+                except OSError as err:
+                    if err.errno in NO_SPACE:
+                        raise
+                    failed.append(f"{model}/{defence} lr {lr:g}")
                 except Exception:  # noqa: BLE001 (kept going: each finished run is on disk)
                     failed.append(f"{model}/{defence} lr {lr:g}")
         for r in runs:
@@ -67,7 +71,8 @@ if __name__ == "__main__":
     args, rest = extra.parse_known_args()
     params = params_from_argv(__doc__, rest, "clean")
     cells = cells_from(params, args.model, args.defence)
-    with stage_command({"clean.out_dir": params.clean.out_dir}), prefect_api():
+    folders = {f"clean.out_dir ({m}/{d})": clean.cell_dir(params, m, d) for m, d in cells}  # cells may run at once
+    with stage_command(folders), prefect_api():
         sweeps = clean_flow.with_options(task_runner=make_task_runner(params.clean.runner))(params, cells)
     for s in sweeps:
         p, b = s["pretrained"], s["best"]

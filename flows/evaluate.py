@@ -42,7 +42,8 @@ if __name__ == "__main__":
     extra.add_argument("--model", help="its open_clip model name (default: model_config.json beside it)")
     args, rest = extra.parse_known_args()
     params = params_from_argv(__doc__, rest, "evaluate")
-    folders = {f"evaluate.{k}": getattr(params.evaluate, k) for k in ("metrics_dir", "plots_dir", "report_dir")}
+    folders = {} if args.checkpoint else {  # --checkpoint writes nothing
+        f"evaluate.{k}": getattr(params.evaluate, k) for k in ("metrics_dir", "plots_dir", "report_dir")}
     with stage_command(folders), prefect_api():
         if args.checkpoint:
             print(json.dumps(checkpoint_flow(params, args.checkpoint, args.model), indent=2))

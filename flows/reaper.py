@@ -19,8 +19,10 @@ def watch(pid: int, every: float = 0.5) -> list[int]:
     except psutil.NoSuchProcess:
         return []
     me, known = psutil.Process().pid, {}
-    while main.is_running() and main.status() != psutil.STATUS_ZOMBIE:
+    while True:
         try:
+            if main.status() == psutil.STATUS_ZOMBIE:
+                break
             now = {p.pid: p for p in main.children(recursive=True) if p.pid != me}
         except psutil.NoSuchProcess:
             break

@@ -133,7 +133,7 @@ def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> 
             losses.append(loss.item())
         bad = None if diverged else non_finite(model)
         if bad:
-            diverged = f"{len(bad)} parameter tensor(s) became non-finite by the end of epoch {epoch + 1}"
+            diverged = f"{len(bad)} tensor(s) of the model became non-finite by the end of epoch {epoch + 1}"
         if diverged:  # not a result: the run's points are kept for inspection but never chosen
             print(f"clean: {model_name}/{defence_name} lr {lr:g} diverged: {diverged}; this run is left out", flush=True)
             break

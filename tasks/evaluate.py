@@ -181,7 +181,8 @@ def cells(pretrained: dict[str, dict], sweeps: dict[str, dict]) -> dict[str, dic
             continue
         baseline = baseline_of(pretrained, model)
         out[name] = frontier(sweep["points"], poisoned) | {
-            "pretrained": model, "defence": sweep["defence"], "baseline_accuracy": baseline["accuracy"] if baseline else None}
+            "pretrained": model, "defence": sweep["defence"], "baseline_accuracy": baseline["accuracy"] if baseline else None,
+            "diverged": [d["lr"] for d in sweep.get("diverged", [])]}
     return out
 
 

@@ -44,7 +44,10 @@ def _hold(key: str, folder: Path) -> Iterator[None]:
 @contextmanager
 def exclusive(folders: dict[str, Path]) -> Iterator[None]:
     """Hold every folder of {params key: folder} for this process, or raise Busy naming the one in use."""
+    held = {}
+    for key, folder in folders.items():  # two keys may name one folder: lock it once
+        held.setdefault(lock_file(Path(folder)), (key, Path(folder)))
     with ExitStack() as stack:
-        for key, folder in folders.items():
-            stack.enter_context(_hold(key, Path(folder)))
+        for key, folder in held.values():
+            stack.enter_context(_hold(key, folder))
         yield

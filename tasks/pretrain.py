@@ -7,6 +7,7 @@ from its latest checkpoint (same step, optimiser, scheduler and data position).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -143,8 +144,8 @@ class RunStopped(InputError):
 
 
 def non_finite(model: torch.nn.Module) -> list[str]:
-    """Names of the parameters holding NaN or inf."""
-    return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    """Names of the parameters and buffers (BatchNorm statistics) holding NaN or inf."""
+    return [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 # Settings that say which runs to make, where, and how to keep them: not what one run computes.
@@ -249,6 +250,22 @@ def _resume(checkpoint, model, optimizer, scheduler, run: dict, log_path: Path, 
     return {"step": 0, "epoch": 0, "batch": 0}
 
 
+def _cause(err: BaseException) -> BaseException:
+    """What a failed Ray Train run raises on the driver: the worker's own error when retrying cannot
+    help (bad input, a full disk), so that it is not retried again and reads as one line; else
+    Ray's error as it is."""
+    todo, seen = [err], set()
+    while todo:  # Ray wraps it: WorkerGroupError.worker_failures -> RayTaskError.cause -> __cause__
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, InputError) or isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None), *getattr(e, "worker_failures", {}).values()]
+    return err
+
+
 def _stop_note(run: dict):
     """(pyarrow filesystem, path) of the note a stopped run leaves in its Ray storage (local or remote)."""
     import pyarrow.fs
@@ -307,6 +324,7 @@ def train_loop_per_worker(config: dict) -> None:
         the reason where the driver looks for it after fit() and raises RunStopped. Nothing is saved."""
         if rank == 0:
             fs, path = _stop_note(run)
+            fs.create_dir(path.rpartition("/")[0], recursive=True)
             with fs.open_output_stream(path) as f:
                 f.write(f"pretrain run {run['label']} ({run['run_id']}): {problem}".encode())
 
@@ -319,8 +337,8 @@ def train_loop_per_worker(config: dict) -> None:
             problem = batch = None
             try:
                 batch = next(batches)
-            except ShardError as err:  # a damaged shard that the check before training could not see
-                problem = str(err)
+            except Exception as err:  # noqa: BLE001 (a sample that cannot be read: on this worker only)
+                problem = f"reading batch {b} of epoch {epoch}: {err if isinstance(err, ShardError) else repr(err)}"
             if problem := _first_problem(problem, world, device):
                 return stop(problem)
             tensors = {k: v.to(device) for k, v in batch.items() if k != "keys"}
@@ -357,12 +375,18 @@ def train_loop_per_worker(config: dict) -> None:
             if step % cfg.checkpoint_every == 0 or step == total_steps:
                 bad = non_finite(model)  # the same on every worker: DDP keeps the weights in step
                 if bad:
-                    return stop(f"{len(bad)} parameter tensor(s) became non-finite at step {step} (epoch {epoch}, "
+                    return stop(f"{len(bad)} tensor(s) of the model became non-finite at step {step} (epoch {epoch}, "
                                 f"lr {metrics['lr']:.3g}), e.g. {bad[:3]}; lower pretrain.lr or set pretrain.grad_clip")
                 with tempfile.TemporaryDirectory() as tmp:
+                    problem = None
                     if rank == 0:
-                        _save_checkpoint(Path(tmp), model, optimizer, scheduler, position, run)
-                        shutil.copyfile(log_path, Path(tmp) / "train_log.jsonl")
+                        try:
+                            _save_checkpoint(Path(tmp), model, optimizer, scheduler, position, run)
+                            shutil.copyfile(log_path, Path(tmp) / "train_log.jsonl")
+                        except OSError as err:  # e.g. a full disk: the same again on a retry
+                            problem = f"saving the checkpoint of step {step} in {tmp}: {err}"
+                    if problem := _first_problem(problem, world, device):
+                        return stop(problem)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
@@ -410,7 +434,7 @@ def train(params: Params, objective: str, baseline: bool = False) -> dict:
         fs.delete_file(note)
     result = trainer.fit()
     if result.error:
-        raise result.error
+        raise _cause(result.error)
     if fs.get_file_info(note).is_file:
         with fs.open_input_stream(note) as f:
             raise RunStopped(f.read().decode())

@@ -32,14 +32,18 @@ def table_rows(cells: dict) -> list[dict]:
                 for t in ASR_THRESHOLDS}
         row |= {f"lowest ASR within {pct(d)} pts": pct((c["lowest_asr_within_accuracy_drop"][f"{d:g}"] or {}).get("asr"))
                 for d in ACCURACY_DROPS}
-        rows.append(row)
+        left_out = [f"{c['n_collapsed']} collapsed point(s)"] * bool(c.get("n_collapsed")) + [
+            f"lr {lr:g} diverged" for lr in c.get("diverged", [])]
+        rows.append(row | {"left out": ", ".join(left_out) or "-"})
     return rows
 
 
 def model_rows(pretrained: dict) -> list[dict]:
     return [{"model": name, "accuracy": pct(m["accuracy"]), "top-5": pct(m["top5"]), "ASR": pct(m.get("asr")),
              "clean target rate": pct(m.get("clean_target_rate")), "ASR - CTR": pct(m.get("asr_excess")),
-             "i2t R@1": pct(m.get("i2t_r@1")), "t2i R@1": pct(m.get("t2i_r@1"))} for name, m in pretrained.items()]
+             "i2t R@1": pct(m.get("i2t_r@1")), "t2i R@1": pct(m.get("t2i_r@1")),
+             "predictions": f"collapsed: {pct(m['top_class_share'])}% one class" if m.get("collapsed") else "ok"}
+            for name, m in pretrained.items()]
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -151,5 +151,5 @@ def copy_project(dest: Path) -> None:
     """The files a stage needs, as a fresh checkout would have them."""
     for name in ("flows", "tasks", "objectives", "expectations"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, dest / name)

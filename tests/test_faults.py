@@ -259,6 +259,26 @@ def test_kill_9_leaves_no_process_and_a_second_run_is_refused(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]  # the lock died with its holder; the run resumes
 
 
+def test_two_keys_naming_one_folder_take_one_lock(tmp_path):
+    with exclusive({"evaluate.metrics_dir": tmp_path / "m", "evaluate.plots_dir": tmp_path / "m"}):
+        with pytest.raises(Busy, match=rf"evaluate.report_dir: {tmp_path / 'm'} is in use by pid {os.getpid()} "):
+            with exclusive({"evaluate.report_dir": tmp_path / "m"}):
+                pass
+
+
+def test_a_worker_error_that_a_retry_cannot_fix_is_raised_as_itself():
+    from ray.exceptions import RayTaskError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from tasks.pretrain import _cause
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    wrapped = RayTaskError("train_fn", "traceback", full)
+    assert _cause(WorkerGroupError("rank 0 failed", {0: wrapped})) is full
+    lost = WorkerGroupError("rank 1 failed", {1: RayTaskError("train_fn", "traceback", ConnectionError("node lost"))})
+    assert _cause(lost) is lost  # a lost node: Ray's own error, which Prefect may retry
+
+
 def test_lock_names_its_holder_and_dies_with_it(tmp_path):
     folder = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", (

@@ -201,10 +201,12 @@ def test_new_data_is_a_new_run(data, tmp_path):
     assert pretrain.plan_run(changed, "mmcl")["run_id"] == pretrain.plan_run(copy, "mmcl")["run_id"]
 
 
-def test_divergence_stops_the_run_naming_step_and_lr(data, tmp_path):
-    """lr 1e30: the weights overflow after the first step; the run stops at once, is not retried
-    (Ray's max_failures would resume it into the same divergence) and exports nothing."""
-    params = params_with(data, tmp_path, lr=1e30, warmup_steps=0, max_failures=2)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_divergence_stops_the_run_naming_step_and_lr(data, tmp_path, workers):
+    """lr 1e30: the weights overflow after the first step; every worker stops at once (none is left
+    waiting in a collective), the run is not retried (Ray's max_failures would resume it into the
+    same divergence) and exports nothing."""
+    params = params_with(data, tmp_path, lr=1e30, warmup_steps=0, max_failures=2, num_workers=workers)
     with pytest.raises(pretrain.RunStopped, match=r"^pretrain run mmcl \(mmcl-[0-9a-f]{12}\): the loss became nan at "
                                                   r"step 2 \(epoch 0, batch 1, lr 9.8\de\+29\); lower pretrain.lr"):
         pretrain.train(params, "mmcl")
