@@ -28,8 +28,8 @@ from PIL import Image
 from tasks.config import PATCH_TRIGGERS, InputError, Params, PoisonConfig, require_section
 from tasks.images import encode_image
 from tasks.shards import (
-    ShardSink, atomic_write_json, decode_sample_image, image_ext, iter_tar_samples, link_or_copy, read_manifest,
-    rewrite_shard, swap_into_place, write_table,
+    ShardSink, atomic_write_json, check_shards, decode_sample_image, image_ext, iter_tar_samples, link_or_copy,
+    read_manifest, rewrite_shard, swap_into_place, write_table,
 )
 from tasks.triggers import apply_trigger, sample_seed
 
@@ -72,6 +72,7 @@ def plan_poison(params: Params) -> dict:
     for folder in (train_dir, eval_dir):
         if not (folder / "sizes.json").is_file():
             raise PoisonError(f"poison.in_dir: {folder} holds no curated shards (run the curate stage first)")
+        check_shards(folder, f"poison.in_dir ({folder.relative_to(cfg.in_dir)}/)")
     classes = json.loads((eval_dir / "classes.json").read_text())["classnames"]
     if cfg.target not in classes:
         raise PoisonError(f"poison.target: {cfg.target!r} is not a class of eval set {cfg.eval_set!r}; classes: {classes}")

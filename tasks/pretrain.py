@@ -202,14 +202,17 @@ def _load_checkpoint(directory: Path, model, optimizer, scheduler, run: dict) ->
     Raises DamagedCheckpoint if its files are missing, unreadable or not those meta.json hashed."""
     try:
         meta = json.loads((directory / "meta.json").read_text())
-        if file_sha256(directory / "state.pt") != meta["sha256"]:
-            raise DamagedCheckpoint(f"{directory / 'state.pt'} does not match the sha256 in its meta.json")
-        (directory / "train_log.jsonl").stat()
+        saved = meta["model_config"]
     except (OSError, ValueError, KeyError) as err:
         raise DamagedCheckpoint(f"{directory}: {type(err).__name__}: {err}") from None
-    if meta["model_config"] != run["model_config"]:
-        raise PretrainError(f"checkpoint {directory} was saved from another model config: {meta['model_config']} "
-                            f"!= {run['model_config']}")
+    if saved != run["model_config"]:
+        raise PretrainError(f"checkpoint {directory} was saved from another model config: {saved} != {run['model_config']}")
+    try:
+        if file_sha256(directory / "state.pt") != meta.get("sha256"):
+            raise DamagedCheckpoint(f"{directory / 'state.pt'} does not match the sha256 in its meta.json")
+        (directory / "train_log.jsonl").stat()
+    except OSError as err:
+        raise DamagedCheckpoint(f"{directory}: {type(err).__name__}: {err}") from None
     state = torch.load(directory / "state.pt", weights_only=True, map_location="cpu")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -217,22 +220,28 @@ def _load_checkpoint(directory: Path, model, optimizer, scheduler, run: dict) ->
     return {k: state[k] for k in ("step", "epoch", "batch")}
 
 
-def _older_checkpoints(checkpoint) -> list:
-    """The run's other checkpoints, newest first (Ray names them by time), on any storage."""
+def _stored_checkpoints(fs, folder: str, but: str = "") -> list:
+    """The checkpoints in a run's storage folder, newest first (Ray names them by time), on any storage."""
     import pyarrow.fs
     import ray.train
 
-    parent = checkpoint.path.rstrip("/").rpartition("/")[0]
-    infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
     names = sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_") and i.path != checkpoint.path.rstrip("/")), reverse=True)
-    return [ray.train.Checkpoint(path=p, filesystem=checkpoint.filesystem) for p in names]
+                    and i.base_name.startswith("checkpoint_") and i.path != but), reverse=True)
+    return [ray.train.Checkpoint(path=p, filesystem=fs) for p in names]
 
 
 def _resume(checkpoint, model, optimizer, scheduler, run: dict, log_path: Path, rank: int) -> dict:
-    """Restore the newest readable checkpoint, from Ray's latest back through the older ones,
-    saying which were skipped; the start position (step 0 if none is readable)."""
-    for candidate in [checkpoint] + _older_checkpoints(checkpoint):
+    """Restore the newest readable checkpoint: Ray's latest, then the older ones, saying which were
+    skipped. Without one from Ray (killed after a checkpoint was copied, before Ray recorded it),
+    those in the run's storage folder. The start position (step 0 if none is readable)."""
+    if checkpoint is None:
+        fs, note = _stop_note(run)
+        candidates = _stored_checkpoints(fs, note.rpartition("/")[0])
+    else:
+        path = checkpoint.path.rstrip("/")
+        candidates = [checkpoint] + _stored_checkpoints(checkpoint.filesystem, path.rpartition("/")[0], but=path)
+    for candidate in candidates:
         with candidate.as_directory() as d:
             try:
                 position = _load_checkpoint(Path(d), model, optimizer, scheduler, run)
@@ -245,7 +254,7 @@ def _resume(checkpoint, model, optimizer, scheduler, run: dict, log_path: Path, 
                 print(f"[{run['label']}] resumed from checkpoint at step {position['step']} (epoch "
                       f"{position['epoch']}, batch {position['batch']}; {Path(candidate.path).name})", flush=True)
             return position
-    if rank == 0:
+    if rank == 0 and candidates:
         print(f"[{run['label']}] no readable checkpoint: training from the start", flush=True)
     return {"step": 0, "epoch": 0, "batch": 0}
 
@@ -312,9 +321,7 @@ def train_loop_per_worker(config: dict) -> None:
     # The per-step log travels inside each checkpoint, so a resumed run (on any node) continues it.
     log_path = Path(tempfile.mkdtemp()) / "train_log.jsonl"
     position = {"step": 0, "epoch": 0, "batch": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        position = _resume(checkpoint, model, optimizer, scheduler, run, log_path, rank)
+    position = _resume(ray.train.get_checkpoint(), model, optimizer, scheduler, run, log_path, rank)
     ddp = ray.train.torch.prepare_model(DualEncoder(model))
     device = ray.train.torch.get_device()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -327,6 +334,21 @@ def train_loop_per_worker(config: dict) -> None:
             fs.create_dir(path.rpartition("/")[0], recursive=True)
             with fs.open_output_stream(path) as f:
                 f.write(f"pretrain run {run['label']} ({run['run_id']}): {problem}".encode())
+
+    def save(metrics: dict, position: dict) -> str | None:
+        """Save a checkpoint on rank 0 and report it (every worker); what stops the run, if anything."""
+        with tempfile.TemporaryDirectory() as tmp:
+            problem = None
+            if rank == 0:
+                try:
+                    _save_checkpoint(Path(tmp), model, optimizer, scheduler, position, run)
+                    shutil.copyfile(log_path, Path(tmp) / "train_log.jsonl")
+                except OSError as err:  # e.g. a full disk: the same again on a retry
+                    problem = f"saving the checkpoint of step {position['step']} in {tmp}: {err}"
+            if problem := _first_problem(problem, world, device):
+                return problem
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        return None
 
     step, start_step, started = position["step"], position["step"], time.time()
     window_start, window_samples = started, 0
@@ -377,17 +399,12 @@ def train_loop_per_worker(config: dict) -> None:
                 if bad:
                     return stop(f"{len(bad)} tensor(s) of the model became non-finite at step {step} (epoch {epoch}, "
                                 f"lr {metrics['lr']:.3g}), e.g. {bad[:3]}; lower pretrain.lr or set pretrain.grad_clip")
-                with tempfile.TemporaryDirectory() as tmp:
-                    problem = None
-                    if rank == 0:
-                        try:
-                            _save_checkpoint(Path(tmp), model, optimizer, scheduler, position, run)
-                            shutil.copyfile(log_path, Path(tmp) / "train_log.jsonl")
-                        except OSError as err:  # e.g. a full disk: the same again on a retry
-                            problem = f"saving the checkpoint of step {step} in {tmp}: {err}"
-                    if problem := _first_problem(problem, world, device):
-                        return stop(problem)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+                if problem := save(metrics, position):
+                    return stop(problem)
+    if step == start_step > 0 and ray.train.get_checkpoint() is None:
+        # resumed at the end from a checkpoint that a kill kept Ray from recording: record it, to export
+        if problem := save({"step": step}, position):
+            return stop(problem)
 
 
 def init_ray(cfg: PretrainConfig) -> None:

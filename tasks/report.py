@@ -103,7 +103,9 @@ def verdict(pretrained: dict, cells: dict) -> str:
             continue
         head = (f"{c['defence']} on the {c['pretrained']} model (poisoned: accuracy {pct(p['accuracy'])}%, ASR "
                 f"{pct(p['asr'])}%, clean target rate {pct(p['clean_target_rate'])}%)")
-        if p["asr"] - p["clean_target_rate"] < 0.5:
+        if pretrained.get(c["pretrained"], {}).get("collapsed"):
+            head += " [its predictions collapsed onto one class: its numbers are no result]"
+        elif p["asr"] - p["clean_target_rate"] < 0.5:
             head += " [the backdoor never took hold: ASR is within 50 points of the clean target rate]"
         best = c["best_accuracy_at_asr"]["0.05"]
         if removes_backdoor(c):

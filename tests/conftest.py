@@ -153,3 +153,16 @@ def copy_project(dest: Path) -> None:
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, dest / name)
+
+
+def complete_checkpoints(storage: Path) -> list[int]:
+    """Steps of the checkpoints that are fully written (Ray may still be copying one into storage)."""
+    import torch
+
+    steps = []
+    for path in storage.glob("*/checkpoint_*/state.pt"):
+        try:
+            steps.append(torch.load(path, weights_only=True)["step"])
+        except Exception:  # a copy in progress: torch raises several types for a partial zip
+            continue
+    return steps

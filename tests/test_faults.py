@@ -22,7 +22,7 @@ import yaml
 from prefect.states import Failed
 
 from flows.common import _no_space, worth_retrying
-from tasks import curate
+from tasks import curate, poison
 from tasks.clean import _better
 from tasks.config import ConfigError, parse_params
 from tasks.evaluate import load_model
@@ -34,7 +34,7 @@ from tasks.pretrain import RunStopped, build_model, model_config
 from tasks.shards import (
     ShardError, ShardSink, atomic_write_json, check_shards, decode_sample_image, file_sha256, replacing,
 )
-from tests.conftest import REPO, png_bytes, random_image, tiny_params, write_params
+from tests.conftest import REPO, curated_tiny, png_bytes, random_image, tiny_params, write_params
 
 
 # -- 1. settings that are not numbers, and runs that are not results ------------------------------
@@ -227,6 +227,33 @@ def test_curate_killed_at_each_phase_resumes_to_the_same_bytes(phase, tmp_path, 
     with_members = {name: len(tarfile.open(params.curate.out_dir / "train" / name).getnames()) // 3 for name in sizes}
     assert sizes == with_members  # every count is what the tar holds
     assert not Path(f"{params.curate.out_dir}.old").exists() and not Path(f"{params.curate.out_dir}.partial").exists()
+
+
+@pytest.mark.integration
+def test_poison_killed_midway_resumes_to_the_same_bytes(tmp_path, prefect_api_url):
+    """A real SIGKILL while poison writes its shards; the rerun gives the uninterrupted run's output."""
+    raw = curated_tiny(tmp_path, train_pairs=2000, eval_per_class=4, shard_maxcount=100)
+
+    def poisoned_into(name: str) -> dict:
+        return json.loads(json.dumps(raw)) | {"poison": {
+            "in_dir": str(tmp_path / "data" / "curated"), "out_dir": str(tmp_path / name), "count": 100,
+            "trigger": {"patch_size": 0.25}, "cleaning": {"size": 64}, "runner": {"kind": "process", "workers": 2}}}
+
+    poison.run_sequential(parse_params(poisoned_into("reference")))
+    write_params(tmp_path / "params.yaml", poisoned_into("poisoned"))
+    cmd = [sys.executable, "-m", "flows.poison", "--params", str(tmp_path / "params.yaml")]
+    env = dict(os.environ, PREFECT_API_URL=prefect_api_url)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not list((tmp_path / "poisoned.partial").rglob("*.tar")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL, "poison finished before the kill"
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    outputs = [{k: v for k, v in tree_bytes(tmp_path / name).items() if k != "validation.json"}  # GX stamps its run
+               for name in ("reference", "poisoned")]
+    assert outputs[0] == outputs[1] and len(outputs[0]) > 10
 
 
 # -- 3 and 7. kill -9 leaves no process behind; a stage started twice is refused --------------------

@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
-import torch
 
 from tasks.config import load_params
-from tests.conftest import REPO, copy_project, tiny_params, write_params
+from tests.conftest import REPO, complete_checkpoints, copy_project, tiny_params, write_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -94,17 +94,6 @@ def test_pipeline_end_to_end_then_up_to_date(reference, env):
     assert stage_status(run_pipeline(repo, env)) == dict.fromkeys(STAGES, "up to date")
 
 
-def complete_checkpoints(storage: Path) -> list[int]:
-    """Steps of the checkpoints that are fully written (Ray may still be copying one into storage)."""
-    steps = []
-    for path in storage.glob("*/checkpoint_*/state.pt"):
-        try:
-            steps.append(torch.load(path, weights_only=True)["step"])
-        except Exception:  # a copy in progress: torch raises several types for a partial zip
-            continue
-    return steps
-
-
 def test_killed_in_pretrain_resumes_to_the_same_metrics(reference, tmp_path, env):
     """SIGKILL to the whole pipeline (Prefect, DVC, Ray) once pretrain has a checkpoint; the rerun resumes
     the runs from their checkpoints and ends with the uninterrupted run's metrics, byte for byte (CPU).
@@ -118,8 +107,11 @@ def test_killed_in_pretrain_resumes_to_the_same_metrics(reference, tmp_path, env
     deadline = time.time() + 600
     while not complete_checkpoints(storage) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
+    started = psutil.Process(proc.pid).children(recursive=True)  # DVC, the stage, Ray, the Prefect server
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
+    _, alive = psutil.wait_procs(started, timeout=30)  # Ray's own sessions too: the watchdogs kill them
+    assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
     steps = complete_checkpoints(storage)
     assert steps and min(steps) < 15, "pretrain finished before the kill"
     assert not (repo / "data" / "metrics" / "pretrain.json").exists()

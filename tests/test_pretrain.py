@@ -19,7 +19,7 @@ from objectives.base import Objective
 from tasks import pretrain
 from tasks.config import parse_params
 from tasks.shards import file_sha256
-from tests.conftest import REPO, curated_tiny, write_params
+from tests.conftest import REPO, complete_checkpoints, curated_tiny, write_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -95,12 +95,11 @@ def test_resume_after_kill(data, tmp_path, prefect_api_url):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     storage = tmp_path / "ray"
     deadline = time.time() + 300
-    while not list(storage.glob("mmcl-*/checkpoint_*/state.pt")) and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(1)
+    while not complete_checkpoints(storage) and time.time() < deadline:
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    saved = max(torch.load(p, weights_only=True)["step"] for p in storage.glob("mmcl-*/checkpoint_*/state.pt"))
+    saved = max(complete_checkpoints(storage))
     assert saved < 36, "the run finished before it was killed"
 
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
@@ -231,3 +230,18 @@ def test_resume_skips_a_damaged_checkpoint(data, tmp_path, capfd):
     assert "resumed from checkpoint at step 8 (epoch 1, batch 2; checkpoint_" in out
     assert file_sha256(model) == exported
     assert [r["step"] for r in log_of(model.parent)] == list(range(1, 13))
+
+
+def test_resume_finds_checkpoints_that_ray_did_not_record(data, tmp_path, capfd):
+    """Killed after a checkpoint was copied but before Ray recorded it (its snapshot lost): the rerun
+    finds the checkpoint in the run's storage folder, resumes there and exports the same model."""
+    params = params_with(data, tmp_path, checkpoint_every=4)
+    pretrain.train(params, "mmcl")
+    model = tmp_path / "models" / "mmcl" / "model.pt"
+    exported = file_sha256(model)
+    for snapshot in (tmp_path / "ray").glob("mmcl-*/checkpoint_manager_snapshot.json"):
+        snapshot.unlink()
+    capfd.readouterr()
+    pretrain.train(params, "mmcl")
+    assert "resumed from checkpoint at step 12 (epoch 2, batch 0; checkpoint_" in capfd.readouterr().out
+    assert file_sha256(model) == exported
