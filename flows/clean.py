@@ -11,9 +11,9 @@ from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
 
-from flows.common import NO_SPACE, make_task_runner, params_from_argv, prefect_api, stage_command, worth_retrying
+from flows.common import make_task_runner, params_from_argv, prefect_api, stage_command, worth_retrying
 from tasks import clean
-from tasks.config import InputError, Params
+from tasks.config import Params, permanent
 
 check = task(clean.check_sweep, name="check-sweep")
 run = task(clean.clean_run, name="clean-run", retries=1, retry_delay_seconds=5, retry_condition_fn=worth_retrying,
@@ -38,13 +38,9 @@ def clean_flow(params: Params, cells: list[tuple[str, str]]) -> list[dict]:
             if not f.state.is_completed():
                 try:
                     f.result()
-                except InputError:  # bad input fails every run alike: say what, not "rerun"
-                    raise
-                except OSError as err:
-                    if err.errno in NO_SPACE:
+                except Exception as err:  # noqa: BLE001 (kept going: each finished run is on disk)
+                    if permanent(err):  # bad input or a full disk fails every run alike: say what, not "rerun"
                         raise
-                    failed.append(f"{model}/{defence} lr {lr:g}")
-                except Exception:  # noqa: BLE001 (kept going: each finished run is on disk)
                     failed.append(f"{model}/{defence} lr {lr:g}")
         for r in runs:
             create_table_artifact(key=f"clean-{model}-{defence}-lr{r['lr']:.3g}".replace(".", "p").replace("_", "-").lower(),

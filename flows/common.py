@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import shutil
@@ -17,7 +16,9 @@ from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from tasks.config import ConfigError, InputError, Params, RunnerConfig, load_params, require_section
+from tasks.config import (
+    NO_SPACE, ConfigError, InputError, Params, RunnerConfig, load_params, permanent, require_section,
+)
 from tasks.locks import exclusive
 
 
@@ -42,21 +43,15 @@ class _InputErrorsWithoutTraceback(logging.Filter):
     whole story (the traceback points into our code and Prefect's, not at the user's file)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        err = record.exc_info[1] if record.exc_info else None
-        if isinstance(err, InputError) or isinstance(err, OSError) and err.errno in NO_SPACE:
+        if record.exc_info and permanent(record.exc_info[1]):
             record.exc_info = record.exc_text = None
         return True
 
 
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
 def worth_retrying(task, task_run, state) -> bool:
     """Prefect's retry_condition_fn: retry what may pass on (a lost worker, a network hiccup), not
-    bad input or a run stopped by its data or learning rate (InputError: the same again) nor a full
-    disk (retrying only fills it sooner)."""
-    err = state.data if isinstance(state.data, BaseException) else None
-    return not (isinstance(err, InputError) or isinstance(err, OSError) and err.errno in NO_SPACE)
+    what would fail again (`tasks.config.permanent`)."""
+    return not permanent(state.data if isinstance(state.data, BaseException) else None)
 
 
 def _no_space(err: OSError, folders: dict[str, Path]) -> str:

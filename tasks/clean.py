@@ -20,7 +20,7 @@ from defences import get_defence
 from tasks.config import CleanConfig, InputError, Params, attack_target, require_section
 from tasks.evaluate import flat, load_model
 from tasks.loader import BatchStream, prefetch, shard_sizes
-from tasks.metrics import EvalError, evaluate, load_classes, target_index
+from tasks.metrics import EvalError, check_eval_sets, evaluate, load_classes, target_index
 from tasks.pretrain import (
     DualEncoder, RunStopped, build_model, is_vit, lr_factor, make_optimizer, non_finite, optimizer_step,
 )
@@ -63,8 +63,7 @@ def check_sweep(params: Params, model: str, defence: str) -> None:
     n = sum(shard_sizes(cfg.data_dir).values())
     if n < cfg.batch_size:
         raise CleanError(f"clean.data_dir: the cleaning subset has {n} pairs, fewer than clean.batch_size={cfg.batch_size}")
-    for folder in ("clean", "asr"):
-        check_shards(cfg.eval_dir / folder, f"clean.eval_dir ({folder}/)")
+    check_eval_sets(cfg.eval_dir, "clean.eval_dir")
     try:
         target_index(load_classes(cfg.eval_dir / "clean"), target_of(params), str(cfg.eval_dir / "clean"))
     except EvalError as err:

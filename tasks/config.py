@@ -6,6 +6,7 @@ with the dotted key and what was expected, before any stage does work.
 """
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -20,6 +21,15 @@ SOURCE_NAME = r"^[a-z][a-z0-9]{0,15}$"  # becomes the key prefix: no dots, under
 class InputError(ValueError):
     """Bad input (params, data, a checkpoint) that the message names with what was expected; the
     stage commands print it as one line instead of a traceback."""
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def permanent(err: BaseException | None) -> bool:
+    """Whether a failure would happen again on a retry: bad input (InputError: params, data, a run
+    stopped by its learning rate) or a full disk (retrying only fills it sooner)."""
+    return isinstance(err, InputError) or isinstance(err, OSError) and err.errno in NO_SPACE
 
 
 class ConfigError(InputError):

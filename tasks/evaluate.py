@@ -13,8 +13,8 @@ import torch
 
 from tasks.config import EvaluateConfig, Params, attack_target, require_section
 from tasks.frontier import baseline_of, frontier
-from tasks.metrics import EvalError, evaluate
-from tasks.shards import atomic_write_json, check_shards, file_sha256
+from tasks.metrics import EvalError, check_eval_sets, evaluate
+from tasks.shards import atomic_write_json, file_sha256
 
 
 def evaluate_config(params: Params) -> EvaluateConfig:
@@ -140,16 +140,9 @@ def device_for(cfg: EvaluateConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and cfg.use_gpu is not False else "cpu")
 
 
-def check_eval_sets(params: Params) -> None:
-    """ShardError naming evaluate.eval_dir, the tar and the sample if an eval set is damaged."""
-    cfg = evaluate_config(params)
-    for folder in ("clean", "asr"):
-        check_shards(cfg.eval_dir / folder, f"evaluate.eval_dir ({folder}/)")
-
-
 def evaluate_checkpoint(params: Params, checkpoint: Path, model_name: str | None = None) -> dict:
     cfg = evaluate_config(params)
-    check_eval_sets(params)
+    check_eval_sets(cfg.eval_dir, "evaluate.eval_dir")
     model, preprocess, tokenizer = load_model(checkpoint, model_name)
     device = device_for(cfg)
     return evaluate(model.to(device), preprocess, tokenizer, cfg.eval_dir / "clean", cfg.eval_dir / "asr",

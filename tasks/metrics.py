@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 from tasks.config import InputError
 from tasks.loader import shard_sizes
-from tasks.shards import decode_sample_image
+from tasks.shards import check_shards, decode_sample_image
 
 
 class EvalError(InputError):
@@ -33,6 +33,13 @@ def load_classes(eval_dir: Path) -> dict:
     if not meta.get("classnames"):
         raise EvalError(f"{path}: no class names")
     return meta
+
+
+def check_eval_sets(eval_dir: Path, key: str) -> None:
+    """ShardError naming the params `key`, the tar and the sample if the labelled (clean/) or the
+    triggered (asr/) eval set under `eval_dir` is damaged (tasks.shards.check_shards)."""
+    for folder in ("clean", "asr"):
+        check_shards(eval_dir / folder, f"{key} ({folder}/)")
 
 
 def target_index(classes: dict, target: str, where: str) -> int:

@@ -7,7 +7,6 @@ from its latest checkpoint (same step, optimiser, scheduler and data position).
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from objectives import clamp_logit_scale, get_objective
-from tasks.config import InputError, Params, PretrainConfig, parse_params, require_section
+from tasks.config import InputError, Params, PretrainConfig, parse_params, permanent, require_section
 from tasks.frontier import CONTROL_PREFIX
 from tasks.loader import SUPPORTED_VIEWS, BatchStream, prefetch, shard_sizes
 from tasks.shards import ShardError, atomic_write_json, check_shards, file_sha256
@@ -236,8 +235,7 @@ def _resume(checkpoint, model, optimizer, scheduler, run: dict, log_path: Path, 
     skipped. Without one from Ray (killed after a checkpoint was copied, before Ray recorded it),
     those in the run's storage folder. The start position (step 0 if none is readable)."""
     if checkpoint is None:
-        fs, note = _stop_note(run)
-        candidates = _stored_checkpoints(fs, note.rpartition("/")[0])
+        candidates = _stored_checkpoints(*_run_folder(run))
     else:
         path = checkpoint.path.rstrip("/")
         candidates = [checkpoint] + _stored_checkpoints(checkpoint.filesystem, path.rpartition("/")[0], but=path)
@@ -269,18 +267,24 @@ def _cause(err: BaseException) -> BaseException:
         if not isinstance(e, BaseException) or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, InputError) or isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if permanent(e):
             return e
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None), *getattr(e, "worker_failures", {}).values()]
     return err
 
 
-def _stop_note(run: dict):
-    """(pyarrow filesystem, path) of the note a stopped run leaves in its Ray storage (local or remote)."""
+def _run_folder(run: dict):
+    """(pyarrow filesystem, path) of the run's folder in its Ray storage (local or remote)."""
     import pyarrow.fs
 
     fs, root = pyarrow.fs.FileSystem.from_uri(run["storage"])
-    return fs, f"{root}/{run['run_id']}/stopped.txt"
+    return fs, f"{root}/{run['run_id']}"
+
+
+def _stop_note(run: dict):
+    """(pyarrow filesystem, path) of the note a stopped run leaves in its run folder."""
+    fs, folder = _run_folder(run)
+    return fs, f"{folder}/stopped.txt"
 
 
 def _first_problem(problem: str | None, world: int, device: torch.device) -> str | None:
