@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
@@ -43,7 +44,7 @@ def clean_flow(params: Params, cells: list[tuple[str, str]]) -> list[dict]:
                         raise
                     failed.append(f"{model}/{defence} lr {lr:g}")
         for r in runs:
-            create_table_artifact(key=f"clean-{model}-{defence}-lr{r['lr']:.3g}".replace(".", "p").replace("_", "-").lower(),
+            create_table_artifact(key=re.sub(r"[^a-z0-9-]", "-", f"clean-{model}-{defence}-lr{r['lr']:.3g}".replace(".", "p").lower()),
                                   table=[{k: round(v, 4) if isinstance(v, float) else v for k, v in p.items()}
                                          for p in r["points"]],
                                   description=f"{model} cleaned with {defence} at lr {r['lr']:g}: per-epoch metrics")

@@ -151,6 +151,13 @@ def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> 
     return result
 
 
+def _holds_best_of(cell: Path, lr: float) -> bool:
+    """Whether the cell already holds the best checkpoint of the run at `lr` (an earlier assembly
+    copied it there and dropped the run's own copy)."""
+    sweep = cell / "sweep.json"
+    return (cell / "best.pt").is_file() and sweep.is_file() and json.loads(sweep.read_text())["best"]["lr"] == lr
+
+
 def assemble_sweep(params: Params, model: str, defence: str, runs: list[dict]) -> dict:
     """sweep.json for the cell: the pretrained point, every per-epoch point of the runs that did not
     diverge (diverged runs are listed apart), and the best point's checkpoint copied to best.pt with
@@ -166,7 +173,12 @@ def assemble_sweep(params: Params, model: str, defence: str, runs: list[dict]) -
     for r in kept:
         if _better(r["best"], best_run["best"] if best_run else None):
             best_run = r
-    shutil.copyfile(run_dir(params, model, defence, best_run["lr"]) / "best.pt", cell / "best.pt")
+    source = run_dir(params, model, defence, best_run["lr"]) / "best.pt"
+    if source.is_file():
+        shutil.copyfile(source, cell / "best.pt")
+    elif not _holds_best_of(cell, best_run["lr"]):
+        raise CleanError(f"{source}: dropped when this sweep was assembled before with another best run; delete "
+                         f"{source.parent / 'epochs.json'} to train lr {best_run['lr']:g} again")
     meta = json.loads((checkpoint_of(params, model).parent / "model_config.json").read_text())
     atomic_write_json(cell / "model_config.json", meta | {"sha256": {"best.pt": file_sha256(cell / "best.pt")}})
     for r in runs:

@@ -350,7 +350,8 @@ def check_shards(data_dir: Path, key: str) -> str:
                                      f"{'image' if image_ext(sample) is None else 'txt caption'}")
                 keys.append(sample["__key__"])
         except TruncatedTar as err:
-            raise ShardError(f"{key}: {tar} is damaged at sample {err.key!r}: {err}") from None
+            where = f" at sample {err.key!r}" if err.key else " before its first sample"
+            raise ShardError(f"{key}: {tar} is damaged{where}: {err}") from None
         try:
             listed = pq.read_table(manifest, columns=["key"]).column("key").to_pylist()
         except (pa.ArrowException, OSError) as err:

@@ -158,9 +158,20 @@ def test_a_diverged_run_is_left_out_and_never_chosen(setup, tmp_path):
     config = json.loads((clean.cell_dir(params, "mmcl", "cleanclip") / "model_config.json").read_text())
     assert config["sha256"] == {"best.pt": file_sha256(clean.cell_dir(params, "mmcl", "cleanclip") / "best.pt")}
 
+    fewer = clean_params(setup, tmp_path, lrs=[1e-3], epochs=2)  # the same sweep with fewer lrs, assembled again
+    again = clean.assemble_sweep(fewer, "mmcl", "cleanclip", [clean.clean_run(fewer, "mmcl", "cleanclip", 1e-3)])
+    assert again["best"] == sweep["best"] and (clean.cell_dir(params, "mmcl", "cleanclip") / "best.pt").is_file()
+
     alone = clean_params(setup, tmp_path / "alone", lrs=[1e30], epochs=1)
     with pytest.raises(RunStopped, match=r"every run of mmcl/cleanclip diverged \(lr 1e\+30: the loss became nan"):
         clean.assemble_sweep(alone, "mmcl", "cleanclip", [clean.clean_run(alone, "mmcl", "cleanclip", 1e30)])
+
+
+def test_a_diverged_lr_of_1e30_goes_through_the_flow(setup, tmp_path, prefect_api_url):
+    """Prefect artifact keys take [a-z0-9-]: lr 1e+30 must not break the flow after the runs."""
+    params = clean_params(setup, tmp_path, lrs=[1e-3, 1e30], epochs=1, runner={"kind": "thread", "workers": 1})
+    (sweep,) = clean_flow.with_options(task_runner=make_task_runner(params.clean.runner))(params, [("mmcl", "cleanclip")])
+    assert [d["lr"] for d in sweep["diverged"]] == [1e30] and sweep["best"]["lr"] == 1e-3
 
 
 def test_a_target_that_is_no_class_fails_the_preflight_check(setup, tmp_path, prefect_api_url):
