@@ -142,8 +142,8 @@ def device_for(cfg: EvaluateConfig) -> torch.device:
 
 def evaluate_checkpoint(params: Params, checkpoint: Path, model_name: str | None = None) -> dict:
     cfg = evaluate_config(params)
+    model, preprocess, tokenizer = load_model(checkpoint, model_name)  # the file the user named is checked first
     check_eval_sets(cfg.eval_dir, "evaluate.eval_dir")
-    model, preprocess, tokenizer = load_model(checkpoint, model_name)
     device = device_for(cfg)
     return evaluate(model.to(device), preprocess, tokenizer, cfg.eval_dir / "clean", cfg.eval_dir / "asr",
                     target_of(params), device, cfg.batch_size)
