@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from PIL import Image  # noqa: E402
 
-from tasks import corpus, curate  # noqa: E402
+from core.data import corpus  # noqa: E402
+from tasks import curate  # noqa: E402
 from tasks.config import GeneratedSource, parse_params  # noqa: E402
-from tasks.images import encode_image, resize  # noqa: E402
+from core.data.images import encode_image, resize  # noqa: E402
 
 
 def make_csv_source(root: Path, n: int) -> Path:

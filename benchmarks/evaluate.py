@@ -15,11 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from tasks.evaluate import load_model  # noqa: E402
-from tasks.metrics import _batches, classifier, load_classes, predict  # noqa: E402
-from tasks.shards import decode_sample_image  # noqa: E402
+from core.checkpoint import load_model  # noqa: E402
+from core.metrics import _batches, classifier, load_classes, predict  # noqa: E402
+from core.data.shards import decode_sample_image  # noqa: E402
 
-EVAL = Path("data/poisoned/eval/clean")
+EVAL = Path("data/poisoned/eval/labelled")
 MODEL = Path("data/models/pretrain/mmcl/model.pt")
 
 

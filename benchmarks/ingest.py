@@ -3,7 +3,7 @@
     python benchmarks/ingest.py [--samples 5000] [--rows 500000]
 
 Figures, in one run on the same files:
-- tar: samples/s and samples recovered by `tasks.shards.iter_tar_samples` and by webdataset 1.0.2's
+- tar: samples/s and samples recovered by `core.data.shards.iter_tar_samples` and by webdataset 1.0.2's
   reader (`tar_file_expander` + `group_by_keys`, the named baseline) on (a) an img2dataset-style tar
   (a sample's members adjacent) and (b) the same files tarred by `tar -C dir -cf x.tar .` (members in
   directory order, `./` prefixed), where the baseline splits samples apart;
@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from tasks.config import CsvSource  # noqa: E402
-from tasks.shards import iter_tar_samples  # noqa: E402
-from tasks.sources import _check_csv  # noqa: E402
+from core.data.shards import iter_tar_samples  # noqa: E402
+from core.data.sources import _check_csv  # noqa: E402
 
 
 def make_files(folder: Path, n: int) -> None:

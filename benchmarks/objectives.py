@@ -17,7 +17,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from open_clip.loss import ClipLoss  # noqa: E402
 
-from objectives import REGISTRY, get_objective  # noqa: E402
+from objectives.registry import REGISTRY, get_objective  # noqa: E402
 
 
 def make_outputs(batch, dim):

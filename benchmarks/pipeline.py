@@ -157,7 +157,7 @@ def main():
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     env.pop("PREFECT_API_URL", None)
     params = yaml.safe_load((ROOT / args.params).read_text())
-    n_models = len(params["pretrain"]["objectives"]) + len(params["pretrain"].get("baselines", []))
+    n_models = len(params["pretrain"]["objectives"]) + len(params["pretrain"].get("controls", []))
     runs = []
     for seed in args.seeds:
         repo = base / f"seed-{seed}"

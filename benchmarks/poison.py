@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from tasks import curate, poison  # noqa: E402
 from tasks.config import TriggerConfig, parse_params  # noqa: E402
-from tasks.triggers import apply_trigger  # noqa: E402
+from core.triggers import apply_trigger  # noqa: E402
 
 
 def params_for(root: Path, n: int, count: int):

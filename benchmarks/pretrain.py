@@ -24,9 +24,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from core.model import DualEncoder, MODELS_DIR, build_model, make_optimizer
 from tasks import curate, pretrain  # noqa: E402
 from tasks.config import parse_params  # noqa: E402
-from tasks.loader import BatchStream  # noqa: E402
+from core.data.loader import BatchStream  # noqa: E402
 
 MODEL = "rn-tiny"
 
@@ -56,15 +57,15 @@ def bare_loop(params, steps: int) -> tuple[float, float]:
     """Same model, optimiser, loss and batches, decoded up front: the compute-only rate."""
     cfg = params.pretrain
     torch.manual_seed(0)
-    model, preprocess, tokenizer = pretrain.build_model(MODEL, "mmcl")
+    model, preprocess, tokenizer = build_model(MODEL, "mmcl")
     stream = BatchStream(cfg.data_dir, cfg.batch_size, 0, 1, 0, preprocess, tokenizer)
     batches = list(stream.epoch(0))[:steps]
     flops = step_flops(model, batches[0])
-    opt = pretrain.make_optimizer(model, cfg.lr, cfg.weight_decay, vit=False)
-    from objectives import get_objective
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, vit=False)
+    from objectives.registry import get_objective
 
     objective = get_objective("mmcl")
-    wrapper = pretrain.DualEncoder(model)
+    wrapper = DualEncoder(model)
     t = time.perf_counter()
     for batch in batches:
         loss, _ = objective(wrapper({k: v for k, v in batch.items() if k != "keys"}))
@@ -93,7 +94,7 @@ def open_clip_trainer(tmp: Path, batch: int, steps: int) -> float:
     """open_clip_train.main on the CPU, fp32, synthetic data, same model config: samples/s from its log."""
     folder = tmp / "oc_model"
     folder.mkdir()
-    cfg = json.loads((pretrain.MODELS_DIR / f"{MODEL}.json").read_text())
+    cfg = json.loads((MODELS_DIR / f"{MODEL}.json").read_text())
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
     cmd = [sys.executable, "-m", "open_clip_train.main", "--dataset-type", "synthetic", "--train-num-samples",
            str(batch * steps), "--batch-size", str(batch), "--epochs", "1", "--device", "cpu", "--precision", "fp32",

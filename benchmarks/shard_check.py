@@ -1,4 +1,4 @@
-"""The shard check that runs before training (tasks.shards.check_shards) against reading the same
+"""The shard check that runs before training (core.data.shards.check_shards) against reading the same
 shards once with webdataset, the loader's own reader (the named baseline).
 
     python benchmarks/shard_check.py [--samples 20000]
@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import webdataset as wds  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tasks.shards import ShardSink, atomic_write_json, check_shards  # noqa: E402
+from core.data.shards import ShardSink, atomic_write_json, check_shards  # noqa: E402
 
 
 def make_shards(folder: Path, n: int) -> int:

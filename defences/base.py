@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from objectives import Objective, get_objective
+from objectives.registry import get_objective
+from objectives.base import Objective
 
 
 class Defence:

@@ -3,7 +3,7 @@ the study also compares MMCL-only and SSL-only cleaning."""
 from defences.base import Defence
 
 
-def cleanclip(mmcl: float = 1.0, ssl: float = 1.0) -> Defence:
+def cleanclip(mmcl: float, ssl: float) -> Defence:
     return Defence("mmcl_ssl", mmcl=mmcl, ssl=ssl)
 
 

@@ -6,7 +6,7 @@ from defences.base import Defence
 
 
 class ShrinkPerturb(Defence):
-    def __init__(self, shrink: float = 0.95, perturb: float = 1e-4, mmcl: float = 1.0, ssl: float = 1.0):
+    def __init__(self, shrink: float, perturb: float, mmcl: float, ssl: float):
         super().__init__("mmcl_ssl", mmcl=mmcl, ssl=ssl)
         self.shrink, self.perturb = shrink, perturb
 

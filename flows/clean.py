@@ -14,7 +14,8 @@ from prefect.futures import wait
 
 from flows.common import make_task_runner, params_from_argv, prefect_api, stage_command, worth_retrying
 from tasks import clean
-from tasks.config import Params, permanent
+from core.errors import permanent
+from tasks.config import Params
 
 check = task(clean.check_sweep, name="check-sweep")
 run = task(clean.clean_run, name="clean-run", retries=1, retry_delay_seconds=5, retry_condition_fn=worth_retrying,

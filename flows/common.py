@@ -16,10 +16,9 @@ from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from tasks.config import (
-    NO_SPACE, ConfigError, InputError, Params, RunnerConfig, load_params, permanent, require_section,
-)
-from tasks.locks import exclusive
+from core.errors import InputError, NO_SPACE, permanent
+from tasks.config import ConfigError, Params, RunnerConfig, load_params, require_section
+from core.locks import exclusive
 
 
 def params_from_argv(description: str, argv: list[str] | None = None, section: str | None = None) -> Params:

@@ -10,7 +10,7 @@ from prefect.artifacts import create_table_artifact
 from flows.common import make_task_runner, params_from_argv, prefect_api, results, stage_command, worth_retrying
 from tasks import curate
 from tasks.config import Params
-from tasks.validation import raise_on_failure
+from core.data.validation import raise_on_failure
 
 plan = task(curate.plan_partitions, name="plan-partitions")
 process = task(curate.process_partition, name="process-partition", retries=2, retry_delay_seconds=2,

@@ -16,7 +16,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.common import params_from_argv, prefect_api, stage_command, worth_retrying
 from tasks import report
-from tasks.config import InputError, Params
+from core.errors import InputError
+from tasks.config import Params
 
 STAGES = ["curate", "poison", "pretrain", "clean", "evaluate"]
 

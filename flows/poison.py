@@ -10,7 +10,7 @@ from prefect.artifacts import create_table_artifact
 from flows.common import make_task_runner, params_from_argv, prefect_api, results, stage_command, worth_retrying
 from tasks import poison
 from tasks.config import Params
-from tasks.validation import raise_on_failure
+from core.data.validation import raise_on_failure
 
 plan = task(poison.plan_poison, name="plan-poisons")
 poison_shard = task(poison.poison_shard, name="poison-shard", retries=2, retry_delay_seconds=2,

@@ -1,45 +1,16 @@
-"""Registry of pre-training and cleaning objectives: `get_objective(name, **weights)`.
+"""Pre-training and cleaning objectives: their names and the weights each takes, with defaults.
 
-Adding an objective: one module with an `Objective` subclass (or a factory) and one line below.
+This module is plain data (the only place an objective's default weights are set), so that params
+validation (tasks/config.py) imports neither torch nor open_clip. `objectives.registry` maps the
+same names to their implementations and builds them: `get_objective(name, **weights)`.
+Adding an objective: one module with an `Objective` subclass (or a factory), one line here and one
+in registry.py.
 """
-from __future__ import annotations
-
-import inspect
-
-from objectives.base import MAX_LOGIT_SCALE, Objective, WeightedSum, clamp_logit_scale
-from objectives.cyclip import CyCLIP
-from objectives.mmcl import MMCL
-from objectives.mmcl_ssl import mmcl_ssl
-from objectives.mw_auc import MannWhitneyAUC
-from objectives.siglip import SigLIP
-from objectives.ssl import SSL
-
-REGISTRY = {
-    "mmcl": MMCL,
-    "ssl": SSL,
-    "mmcl_ssl": mmcl_ssl,
-    "siglip": SigLIP,
-    "cyclip": CyCLIP,
-    "mw_auc": MannWhitneyAUC,
+WEIGHTS: dict[str, dict[str, float]] = {
+    "mmcl": {},
+    "ssl": {},
+    "mmcl_ssl": {"mmcl": 1.0, "ssl": 1.0},  # lambda1, lambda2 (the study: 1, 1)
+    "siglip": {},
+    "cyclip": {"cross": 0.25, "inmodal": 0.25},  # CyCLIP's lambdas
+    "mw_auc": {},
 }
-
-
-def objective_options(name: str) -> dict[str, float]:
-    """The weights an objective accepts, with their defaults."""
-    return {k: p.default for k, p in inspect.signature(REGISTRY[name]).parameters.items()}
-
-
-def get_objective(name: str, **weights: float) -> Objective:
-    if name not in REGISTRY:
-        raise KeyError(f"unknown objective {name!r}; known objectives: {sorted(REGISTRY)}")
-    options = objective_options(name)
-    unknown = sorted(set(weights) - set(options))
-    if unknown:
-        raise TypeError(f"objective {name!r} takes weights {options or 'none'}; unknown: {unknown}")
-    obj = REGISTRY[name](**weights)
-    obj.name = name
-    return obj
-
-
-__all__ = ["REGISTRY", "MAX_LOGIT_SCALE", "Objective", "WeightedSum", "clamp_logit_scale", "get_objective",
-           "objective_options"]

@@ -9,7 +9,7 @@ from objectives.base import Objective, contrastive, gather_pair
 class CyCLIP(Objective):
     name = "cyclip"
 
-    def __init__(self, cross: float = 0.25, inmodal: float = 0.25):
+    def __init__(self, cross: float, inmodal: float):
         self.cross, self.inmodal = cross, inmodal
 
     def loss(self, outputs):

@@ -4,5 +4,5 @@ from objectives.mmcl import MMCL
 from objectives.ssl import SSL
 
 
-def mmcl_ssl(mmcl: float = 1.0, ssl: float = 1.0) -> WeightedSum:
+def mmcl_ssl(mmcl: float, ssl: float) -> WeightedSum:
     return WeightedSum({"mmcl": (mmcl, MMCL()), "ssl": (ssl, SSL())}, name="mmcl_ssl")

@@ -8,6 +8,7 @@ is read back), run in parallel by the flow. `assemble_sweep` gathers a cell's ru
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,15 +17,16 @@ from pathlib import Path
 
 import torch
 
-from defences import get_defence
-from tasks.config import CleanConfig, InputError, Params, attack_target, require_section
-from tasks.evaluate import flat, load_model
-from tasks.loader import BatchStream, prefetch, shard_sizes
-from tasks.metrics import EvalError, check_eval_sets, evaluate, load_classes, target_index
-from tasks.pretrain import (
-    DualEncoder, RunStopped, build_model, is_vit, lr_factor, make_optimizer, non_finite, optimizer_step,
+from core.checkpoint import CheckpointError, load_model
+from core.data.loader import BatchStream, prefetch
+from core.data.shards import atomic_write_json, check_shards, file_sha256, replacing, shard_sizes
+from core.errors import InputError
+from core.metrics import EvalError, attack_target, check_eval_sets, evaluate, flat, load_classes, target_index
+from core.model import (
+    DualEncoder, RunStopped, build_model, forward_backward, is_vit, lr_factor, make_optimizer, non_finite, optimizer_step,
 )
-from tasks.shards import atomic_write_json, check_shards, file_sha256, replacing
+from defences.registry import get_defence
+from tasks.config import CleanConfig, Params, require_section
 
 
 class CleanError(InputError):
@@ -36,7 +38,7 @@ def clean_config(params: Params) -> CleanConfig:
 
 
 def target_of(params: Params) -> str:
-    return attack_target(params, "clean", CleanError)
+    return attack_target(clean_config(params).eval_dir)
 
 
 def checkpoint_of(params: Params, model: str) -> Path:
@@ -57,7 +59,7 @@ def check_sweep(params: Params, model: str, defence: str) -> None:
     get_defence(defence, **cfg.defence_options.get(defence, {}))
     try:
         load_model(checkpoint_of(params, model))
-    except EvalError as err:
+    except CheckpointError as err:
         raise CleanError(f"clean.models: {model!r}: {err}") from None
     check_shards(cfg.data_dir, "clean.data_dir")
     n = sum(shard_sizes(cfg.data_dir).values())
@@ -65,14 +67,14 @@ def check_sweep(params: Params, model: str, defence: str) -> None:
         raise CleanError(f"clean.data_dir: the cleaning subset has {n} pairs, fewer than clean.batch_size={cfg.batch_size}")
     check_eval_sets(cfg.eval_dir, "clean.eval_dir")
     try:
-        target_index(load_classes(cfg.eval_dir / "clean"), target_of(params), str(cfg.eval_dir / "clean"))
+        target_index(load_classes(cfg.eval_dir / "labelled"), target_of(params), str(cfg.eval_dir / "labelled"))
     except EvalError as err:
-        raise CleanError(f"clean.target: {err}") from None
+        raise CleanError(f"clean.eval_dir: {err}") from None
 
 
 def _measure(params: Params, model, preprocess, tokenizer, device) -> dict:
     cfg = clean_config(params)
-    metrics = evaluate(model, preprocess, tokenizer, cfg.eval_dir / "clean", cfg.eval_dir / "asr", target_of(params),
+    metrics = evaluate(model, preprocess, tokenizer, cfg.eval_dir / "labelled", cfg.eval_dir / "asr", target_of(params),
                        device, cfg.eval_batch_size, retrieval=False)
     return flat(metrics)
 
@@ -85,20 +87,39 @@ def _freeze_bn_stats(model: torch.nn.Module) -> None:
 
 def _better(a: dict, b: dict | None) -> bool:
     """The best frontier point: the most accurate with ASR <= 5%, else the lowest ASR; a model whose
-    predictions collapsed onto one class (tasks/metrics.py) only when no other point exists."""
+    predictions collapsed onto one class (core/metrics.py) only when no other point exists."""
     if b is None:
         return True
     key = lambda p: (not p.get("collapsed"), p["asr"] <= 0.05, p["accuracy"] if p["asr"] <= 0.05 else -p["asr"])  # noqa: E731
     return key(a) > key(b)
 
 
+def run_identity(params: Params, model: str, defence: str, lr: float) -> str:
+    """What one sweep run computes: the seed, the clean settings that change results
+    (`CleanConfig.identity`), the model's checkpoint bytes, the defence and its options, the learning
+    rate, and the digests of the cleaning data and eval sets (with their target). Not: the runner,
+    threads, evaluation batch size, or the other learning rates of the sweep."""
+    cfg = clean_config(params)
+    blob = json.dumps({"seed": params.seed, "clean": cfg.identity(), "model": model, "defence": defence,
+                       "checkpoint": file_sha256(checkpoint_of(params, model)), "lr": lr,
+                       "options": cfg.defence_options.get(defence, {}), "data": check_shards(cfg.data_dir, "clean.data_dir"),
+                       "eval": check_eval_sets(cfg.eval_dir, "clean.eval_dir")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> dict:
-    """One sweep run; returns {"lr", "points": [per-epoch metrics], "best": point} (also epochs.json)."""
+    """One sweep run; returns {"lr", "points": [per-epoch metrics], "best": point, "run_id"} (also
+    epochs.json). A finished run is reused only if its run_id (`run_identity`) is this one's: after a
+    change of settings, data or model its folder is cleared and the run trains again."""
     cfg = clean_config(params)
     out = run_dir(params, model_name, defence_name, lr)
     done = out / "epochs.json"
+    run_id = run_identity(params, model_name, defence_name, lr)
     if done.is_file():
-        return json.loads(done.read_text())
+        finished = json.loads(done.read_text())
+        if finished.get("run_id") == run_id:
+            return finished
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads_per_run or max(1, (os.cpu_count() or 1) // cfg.runner.workers))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,11 +144,10 @@ def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> 
             _freeze_bn_stats(model)
         losses, epoch_start = [], time.time()
         for batch in prefetch(stream.epoch(epoch)):
-            loss, _ = objective(wrapper({k: v.to(device) for k, v in batch.items() if k != "keys"}))
+            loss, _ = forward_backward(wrapper, objective, [{k: v.to(device) for k, v in batch.items() if k != "keys"}])
             if not torch.isfinite(loss):
                 diverged = f"the loss became {loss.item()} at step {scheduler.last_epoch + 1} (epoch {epoch + 1})"
                 break
-            loss.backward()
             optimizer_step(model, optimizer, scheduler)
             losses.append(loss.item())
         bad = None if diverged else non_finite(model)
@@ -145,17 +165,17 @@ def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> 
             best = point
             with replacing(out / "best.pt") as tmp:
                 torch.save(model.state_dict(), tmp)
-    result = {"model": model_name, "defence": defence_name, "lr": lr, "points": points, "best": best,
+    result = {"model": model_name, "defence": defence_name, "lr": lr, "run_id": run_id, "points": points, "best": best,
               "seconds": round(time.time() - started, 1)} | ({"diverged": diverged} if diverged else {})
     atomic_write_json(done, result)
     return result
 
 
-def _holds_best_of(cell: Path, lr: float) -> bool:
-    """Whether the cell already holds the best checkpoint of the run at `lr` (an earlier assembly
-    copied it there and dropped the run's own copy)."""
+def _holds_best_of(cell: Path, run_id: str) -> bool:
+    """Whether the cell already holds the best checkpoint of run `run_id` (an earlier assembly copied
+    it there and dropped the run's own copy)."""
     sweep = cell / "sweep.json"
-    return (cell / "best.pt").is_file() and sweep.is_file() and json.loads(sweep.read_text())["best"]["lr"] == lr
+    return (cell / "best.pt").is_file() and sweep.is_file() and json.loads(sweep.read_text()).get("best_run") == run_id
 
 
 def assemble_sweep(params: Params, model: str, defence: str, runs: list[dict]) -> dict:
@@ -176,7 +196,7 @@ def assemble_sweep(params: Params, model: str, defence: str, runs: list[dict]) -
     source = run_dir(params, model, defence, best_run["lr"]) / "best.pt"
     if source.is_file():
         shutil.copyfile(source, cell / "best.pt")
-    elif not _holds_best_of(cell, best_run["lr"]):
+    elif not _holds_best_of(cell, best_run["run_id"]):
         raise CleanError(f"{source}: dropped when this sweep was assembled before with another best run; delete "
                          f"{source.parent / 'epochs.json'} to train lr {best_run['lr']:g} again")
     meta = json.loads((checkpoint_of(params, model).parent / "model_config.json").read_text())
@@ -184,7 +204,7 @@ def assemble_sweep(params: Params, model: str, defence: str, runs: list[dict]) -
     for r in runs:
         (run_dir(params, model, defence, r["lr"]) / "best.pt").unlink(missing_ok=True)
     sweep = {"model": model, "defence": defence, "pretrained": runs[0]["points"][0], "points": points,
-             "best": best_run["best"], "lrs": [r["lr"] for r in runs], "epochs": clean_config(params).epochs,
+             "best": best_run["best"], "best_run": best_run["run_id"], "lrs": [r["lr"] for r in runs], "epochs": clean_config(params).epochs,
              "diverged": [{"lr": r["lr"], "why": r["diverged"]} for r in runs if "diverged" in r],
              "seconds": sum(r["seconds"] for r in runs)}
     atomic_write_json(cell / "sweep.json", sweep)

@@ -6,30 +6,19 @@ with the dotted key and what was expected, before any stage does work.
 """
 from __future__ import annotations
 
-import errno
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
     BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator,
 )
 
+from core.errors import InputError
+from defences import OPTIONS as DEFENCES
+from objectives import WEIGHTS as OBJECTIVES
+
 SOURCE_NAME = r"^[a-z][a-z0-9]{0,15}$"  # becomes the key prefix: no dots, underscores or slashes
-
-
-class InputError(ValueError):
-    """Bad input (params, data, a checkpoint) that the message names with what was expected; the
-    stage commands print it as one line instead of a traceback."""
-
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-def permanent(err: BaseException | None) -> bool:
-    """Whether a failure would happen again on a retry: bad input (InputError: params, data, a run
-    stopped by its learning rate) or a full disk (retrying only fills it sooner)."""
-    return isinstance(err, InputError) or isinstance(err, OSError) and err.errno in NO_SPACE
 
 
 class ConfigError(InputError):
@@ -51,8 +40,34 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+class Section(Strict):
+    """A stage's section. Its fields fall in four kinds, which decide a run's identity (resume only
+    the same computation) and the stage's `params` in dvc.yaml (tests/test_layout.py checks both):
+    - PATHS: input and output folders; in dvc.yaml as deps and outs, not params;
+    - OPERATIONAL: how and where the work runs (workers, runner, threads, logging, kept
+      checkpoints); they never change a result, so they are in neither;
+    - RUNS: which runs to make (objectives, models, learning rates); in dvc.yaml's params, while a
+      run's identity holds only its own element;
+    - CHECKS: validation thresholds; in dvc.yaml's params (a change re-checks), not in identities;
+    every other field changes what a run computes: in both."""
+
+    PATHS: ClassVar[frozenset[str]] = frozenset()
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset()
+    RUNS: ClassVar[frozenset[str]] = frozenset()
+    CHECKS: ClassVar[frozenset[str]] = frozenset()
+
+    def identity(self) -> dict:
+        """The settings that change what one run computes (JSON values), for run identities."""
+        return self.model_dump(mode="json", exclude=set(self.PATHS | self.OPERATIONAL | self.RUNS | self.CHECKS))
+
+    @classmethod
+    def dvc_params(cls) -> set[str]:
+        """The fields dvc.yaml lists under the stage's `params`."""
+        return set(cls.model_fields) - cls.PATHS - cls.OPERATIONAL
+
+
 class GeneratedSource(Strict):
-    """The built-in procedural corpus of captioned shapes (tasks/corpus.py)."""
+    """The built-in procedural corpus of captioned shapes (core/data/corpus.py)."""
 
     kind: Literal["generated"]
     name: Annotated[str, Field(pattern=SOURCE_NAME)] = "gen"
@@ -154,7 +169,11 @@ class ValidationConfig(Strict):
     sha256_unique_mostly: Annotated[Real, Field(ge=0, le=1)] = 0.0
 
 
-class CurateConfig(Strict):
+class CurateConfig(Section):
+    PATHS = frozenset({"out_dir", "staging_dir"})
+    OPERATIONAL = frozenset({"runner"})
+    CHECKS = frozenset({"validation"})
+
     out_dir: Path = Path("data/curated")
     staging_dir: Path = Path("data/staging/curate")
     image_size: Annotated[StrictInt, Field(ge=8, le=1024)] = 32
@@ -165,7 +184,6 @@ class CurateConfig(Strict):
     max_image_pixels: Annotated[StrictInt, Field(ge=1)] = 89_478_485  # PIL's default bomb limit
     caption: CaptionConfig = CaptionConfig()
     shard_maxcount: Annotated[StrictInt, Field(ge=1)] = 2_000
-    partition_size: Annotated[StrictInt, Field(ge=1)] = 2_000
     runner: RunnerConfig = RunnerConfig()
     validation: ValidationConfig = ValidationConfig()
     sources: Annotated[list[Source], Field(min_length=1)]
@@ -184,10 +202,10 @@ WHOLE_IMAGE_TRIGGERS = ("blended", "sig", "wanet")
 
 
 class TriggerConfig(Strict):
-    """A backdoor trigger (tasks/triggers.py); defaults are the study's."""
+    """A backdoor trigger (core/triggers.py); defaults are the study's."""
 
     name: Literal["noise_patch", "fixed_patch", "yellow", "blended", "sig", "wanet"] = "noise_patch"
-    patch_size: Annotated[Real, Field(gt=0, le=1)] = 16 / 224  # side relative to the image side (>= 2 px)
+    patch_size: Annotated[Real, Field(gt=0, le=1)] = 0.375  # side relative to the image side (>= 2 px); the study: 16/224
     # random | a corner | fixed (at `position`) for patch triggers; whole for blended, sig, wanet.
     # None picks random for patch triggers and whole for the others.
     placement: Literal["random", "top_left", "top_right", "bottom_left", "bottom_right", "fixed", "whole"] | None = None
@@ -215,7 +233,10 @@ class CleaningSubsetConfig(Strict):
     poisons: Annotated[StrictInt, Field(ge=0)] = 0  # poisoned pairs added (the study's ablation: 1 to 25)
 
 
-class PoisonConfig(Strict):
+class PoisonConfig(Section):
+    PATHS = frozenset({"in_dir", "out_dir"})
+    OPERATIONAL = frozenset({"runner"})
+
     in_dir: Path = Path("data/curated")
     out_dir: Path = Path("data/poisoned")
     eval_set: Annotated[str, Field(pattern=SOURCE_NAME)] = "gen"  # the curated eval set (source name) to trigger
@@ -225,7 +246,7 @@ class PoisonConfig(Strict):
     label_consistent: bool = False  # poison only samples whose caption names the target; keep captions
     # The poisons' new captions: "templates" (the study's: open_clip's 80 ImageNet prompts naming the target)
     # or "corpus" (captions of training samples that name the target, so poisons look like the rest of the data)
-    captions: Literal["templates", "corpus"] = "templates"
+    captions: Literal["templates", "corpus"] = "corpus"
     trigger: TriggerConfig = TriggerConfig()
     cleaning: CleaningSubsetConfig = CleaningSubsetConfig()
     runner: RunnerConfig = RunnerConfig()
@@ -237,20 +258,29 @@ class PoisonConfig(Strict):
         return self
 
 
-class PretrainConfig(Strict):
+class PretrainConfig(Section):
     """CLIP-style pre-training with Ray Train (tasks/pretrain.py); defaults sized for 2 CPU cores."""
 
+    PATHS = frozenset({"data_dir", "control_data_dir", "out_dir", "storage_dir"})
+    # num_workers: with the samples split every worker count sees the same global batches (the
+    # update agrees to float rounding); use_gpu likewise changes rounding only
+    OPERATIONAL = frozenset({"num_workers", "concurrent_runs", "use_gpu", "threads_per_worker", "max_failures",
+                             "checkpoint_every", "keep_checkpoints", "log_every"})
+    RUNS = frozenset({"objectives", "controls", "weights"})
+
     data_dir: Path = Path("data/poisoned/train")  # the (poisoned) training shards
-    baseline_data_dir: Path = Path("data/curated/train")  # the clean shards, for unpoisoned baselines
-    out_dir: Path = Path("data/models/pretrain")  # <objective>/ and clean-<objective>/ per run
+    control_data_dir: Path = Path("data/curated/train")  # the clean shards, for unpoisoned controls
+    out_dir: Path = Path("data/models/pretrain")  # <objective>/ and control-<objective>/ per run
     storage_dir: str = "data/staging/pretrain"  # Ray Train run storage (checkpoints, resume); shared path on a cluster
     objectives: Annotated[list[str], Field(min_length=1)] = ["mmcl", "mmcl_ssl"]
-    baselines: list[str] = []  # objectives also trained on the clean shards
-    weights: dict[str, dict[str, Real]] = {}  # per objective, e.g. {mmcl_ssl: {mmcl: 1, ssl: 1}}
+    controls: list[str] = ["mmcl"]  # objectives also trained on the unpoisoned shards: the controls
+    weights: dict[str, dict[str, Real]] = {}  # per objective, over objectives.WEIGHTS, e.g. {mmcl_ssl: {ssl: 2}}
     model: Annotated[str, Field(min_length=1)] = "rn-tiny"  # an open_clip model name or a config in models/
     epochs: Annotated[StrictInt, Field(ge=1)] = 8
-    batch_size: Annotated[StrictInt, Field(ge=2)] = 128  # global, over all workers
-    accum_steps: Annotated[StrictInt, Field(ge=1)] = 1  # gradient accumulation: optimiser steps every N batches
+    batch_size: Annotated[StrictInt, Field(ge=2)] = 64  # samples per optimiser step, over all workers and micro-batches
+    # micro-batches per optimiser step: each worker encodes batch_size / (num_workers x accum_steps) samples
+    # at a time, and the step's gradient is that of the whole batch (core.model.forward_backward)
+    accum_steps: Annotated[StrictInt, Field(ge=1)] = 1
     lr: Annotated[Real, Field(gt=0)] = 1e-3
     warmup_steps: Annotated[StrictInt, Field(ge=0)] = 50
     weight_decay: Annotated[Real, Field(ge=0)] = 0.1
@@ -258,47 +288,48 @@ class PretrainConfig(Strict):
     beta2: Annotated[Real, Field(ge=0, lt=1)] | None = None  # None: 0.98 for ViTs, 0.999 for ResNets (open_clip)
     eps: Annotated[Real, Field(gt=0)] | None = None  # None: 1e-6 for ViTs, 1e-8 for ResNets
     grad_clip: Annotated[Real, Field(gt=0)] | None = None
-    split: Literal["samples", "shards"] = "samples"  # how workers share the stream (tasks/loader.py)
+    split: Literal["samples", "shards"] = "samples"  # how workers share the stream (core/data/loader.py)
     shuffle_buffer: Annotated[StrictInt, Field(ge=1)] = 1000
     checkpoint_every: Annotated[StrictInt, Field(ge=1)] = 100  # optimiser steps
     keep_checkpoints: Annotated[StrictInt, Field(ge=1)] = 2
     log_every: Annotated[StrictInt, Field(ge=1)] = 10
     num_workers: Annotated[StrictInt, Field(ge=1)] = 1  # Ray Train workers per run (processes; one per GPU on a cluster)
-    concurrent_runs: Annotated[StrictInt, Field(ge=1)] = 1  # runs (models) training at once, each on its own workers
+    concurrent_runs: Annotated[StrictInt, Field(ge=1)] = 2  # runs (models) training at once, each on its own workers
     use_gpu: Literal["auto", True, False] = "auto"
     threads_per_worker: Annotated[StrictInt, Field(ge=1)] | None = None  # None: cores / (workers x concurrent runs)
     max_failures: Annotated[StrictInt, Field(ge=0)] = 1  # worker restarts from the last checkpoint
 
     @model_validator(mode="after")
     def _known_objectives(self):
-        from objectives import REGISTRY, objective_options
-
-        for name in set(self.objectives) | set(self.baselines) | set(self.weights):
-            if name not in REGISTRY:
-                raise ValueError(f"unknown objective {name!r}; known objectives: {sorted(REGISTRY)}")
+        for name in set(self.objectives) | set(self.controls) | set(self.weights):
+            if name not in OBJECTIVES:
+                raise ValueError(f"unknown objective {name!r}; known objectives: {sorted(OBJECTIVES)}")
         for name, weights in self.weights.items():
-            unknown = sorted(set(weights) - set(objective_options(name)))
+            unknown = sorted(set(weights) - set(OBJECTIVES[name]))
             if unknown:
-                raise ValueError(f"weights.{name}: {unknown} not accepted; {name} takes {objective_options(name) or 'none'}")
+                raise ValueError(f"weights.{name}: {unknown} not accepted; {name} takes {OBJECTIVES[name] or 'none'}")
         if self.batch_size % (self.num_workers * self.accum_steps):
             raise ValueError(f"batch_size {self.batch_size} must be divisible by num_workers x accum_steps "
                              f"({self.num_workers} x {self.accum_steps})")
         return self
 
 
-class CleanConfig(Strict):
+class CleanConfig(Section):
     """CleanCLIP-style cleaning sweeps (tasks/clean.py). The study's values are in params.yaml comments."""
+
+    PATHS = frozenset({"data_dir", "eval_dir", "models_dir", "out_dir"})
+    OPERATIONAL = frozenset({"runner", "threads_per_run", "eval_batch_size"})
+    RUNS = frozenset({"models", "defences", "defence_options", "lrs"})
 
     data_dir: Path = Path("data/poisoned/cleaning")
     eval_dir: Path = Path("data/poisoned/eval")
     models_dir: Path = Path("data/models/pretrain")
-    out_dir: Path = Path("data/models/clean")  # <model>/<defence>/: sweep.json, best.pt, lr-*/epochs.json
-    target: str | None = None  # None: the poison section's target
-    models: Annotated[list[str], Field(min_length=1)] = ["mmcl", "mmcl_ssl"]  # folders of models_dir
+    out_dir: Path = Path("data/models/cleaned")  # <model>/<defence>/: sweep.json, best.pt, lr-*/epochs.json
+    models: Annotated[list[str], Field(min_length=1)] = ["mmcl", "mmcl_ssl", "control-mmcl"]  # folders of models_dir
     defences: Annotated[list[str], Field(min_length=1)] = ["cleanclip"]
-    defence_options: dict[str, dict[str, Real]] = {}
-    lrs: Annotated[list[Real], Field(min_length=1)] = [3e-4, 1e-3, 3e-3]
-    epochs: Annotated[StrictInt, Field(ge=1)] = 5
+    defence_options: dict[str, dict[str, Real]] = {}  # per defence, over defences.OPTIONS
+    lrs: Annotated[list[Real], Field(min_length=1)] = [1e-3, 3e-3]
+    epochs: Annotated[StrictInt, Field(ge=1)] = 4
     batch_size: Annotated[StrictInt, Field(ge=2)] = 64
     warmup_steps: Annotated[StrictInt, Field(ge=0)] = 10
     weight_decay: Annotated[Real, Field(ge=0)] = 0.1
@@ -309,26 +340,26 @@ class CleanConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        from defences import REGISTRY, defence_options
-
         bad = [lr for lr in self.lrs if not lr > 0]
         if bad:
             raise ValueError(f"lrs: learning rates must be positive, got {bad}")
         for name in set(self.defences) | set(self.defence_options):
-            if name not in REGISTRY:
-                raise ValueError(f"unknown defence {name!r}; known defences: {sorted(REGISTRY)}")
+            if name not in DEFENCES:
+                raise ValueError(f"unknown defence {name!r}; known defences: {sorted(DEFENCES)}")
         for name, options in self.defence_options.items():
-            unknown = sorted(set(options) - set(defence_options(name)))
+            unknown = sorted(set(options) - set(DEFENCES[name]))
             if unknown:
-                raise ValueError(f"defence_options.{name}: {unknown} not accepted; {name} takes {defence_options(name)}")
+                raise ValueError(f"defence_options.{name}: {unknown} not accepted; {name} takes {DEFENCES[name] or 'none'}")
         return self
 
 
-class EvaluateConfig(Strict):
-    eval_dir: Path = Path("data/poisoned/eval")  # clean/ (labelled) and asr/ (triggered non-target images)
-    target: str | None = None  # None: the poison section's target
+class EvaluateConfig(Section):
+    PATHS = frozenset({"eval_dir", "models_dir", "cleaned_dir", "metrics_dir", "plots_dir", "report_dir"})
+    OPERATIONAL = frozenset({"batch_size", "use_gpu"})
+
+    eval_dir: Path = Path("data/poisoned/eval")  # labelled/ and asr/ (triggered non-target images)
     models_dir: Path = Path("data/models/pretrain")  # every */model.pt is evaluated
-    sweeps_dir: Path = Path("data/models/clean")  # <pretrained>/<defence>/sweep.json from the clean stage
+    cleaned_dir: Path = Path("data/models/cleaned")  # <pretrained>/<defence>/sweep.json: the cleaned models
     metrics_dir: Path = Path("data/metrics")  # DVC metrics
     plots_dir: Path = Path("data/plots")  # DVC plots (CSV)
     report_dir: Path = Path("reports")  # report.md and figures
@@ -357,14 +388,6 @@ def require_section(params: "Params", name: str, error: type[Exception] = ValueE
     if section is None:
         raise error(f"params has no `{name}` section")
     return section
-
-
-def attack_target(params: "Params", name: str, error: type[Exception] = ValueError) -> str:
-    """The backdoor target for section `name`: its own `target`, else the poison section's."""
-    target = require_section(params, name, error).target or (params.poison.target if params.poison else None)
-    if target is None:
-        raise error(f"{name}.target: no target (set it, or the poison section's target)")
-    return target
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

@@ -6,7 +6,7 @@
    partition is read back from its marker, so a rerun after a crash resumes.
 3. `finalize`: dedup across partitions (first occurrence in plan order wins), number the shards,
    write sizes.json, classes.json, quarantine.parquet and stats.json into `<out>.partial`.
-4. validation (tasks/validation.py), then `publish` swaps `<out>.partial` into place.
+4. validation (core/data/validation.py), then `publish` swaps `<out>.partial` into place.
 """
 from __future__ import annotations
 
@@ -22,13 +22,14 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.parquet as pq
 
-from tasks.config import InputError, Params
-from tasks.images import Rejected, clean_caption, decode_image, encode_image, resize
-from tasks.shards import (
+from core.errors import InputError
+from tasks.config import Params
+from core.data.images import Rejected, clean_caption, decode_image, encode_image, resize
+from core.data.shards import (
     MANIFEST_SCHEMA, ShardSink, atomic_write_bytes, atomic_write_json, link_or_copy, read_manifest, rewrite_shard,
     swap_into_place, write_table,
 )
-from tasks.sources import Partition, eval_metadata, plan, read_partition
+from core.data.sources import Partition, eval_metadata, plan, read_partition, source_signature
 
 QUARANTINE_SCHEMA = pa.schema([
     ("source", pa.string()), ("key", pa.string()), ("origin", pa.string()), ("split", pa.string()),
@@ -36,20 +37,17 @@ QUARANTINE_SCHEMA = pa.schema([
 ])
 
 
-# Curate settings that do not change what a partition computes: a rerun after changing them reuses
-# finished partitions. (out_dir does not either, but two outputs must not share a staging area.)
-_NOT_COMPUTED = {"staging_dir", "runner", "validation"}
-
-
 class CurateError(InputError):
     """The curated data cannot be used (an output folder or an eval class with no sample); names them."""
 
 
 def fingerprint(params: Params) -> str:
-    """Identifies the staging area: a change of seed, output folder or of a curate setting that
-    changes the computed samples starts afresh (runner and validation settings do not)."""
-    blob = json.dumps({"seed": params.seed, "curate": params.curate.model_dump(mode="json", exclude=_NOT_COMPUTED)},
-                      sort_keys=True)
+    """The identity of the curated partitions, which names their staging area: the seed, the curate
+    settings that change samples (`CurateConfig.identity`: not the runner or validation thresholds),
+    the sources' files (`source_signature`) and the output folder (two outputs never share staging)."""
+    cfg = params.curate
+    blob = json.dumps({"seed": params.seed, "curate": cfg.identity(), "out_dir": str(cfg.out_dir),
+                       "sources": [source_signature(s) for s in cfg.sources]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -192,8 +190,11 @@ def finalize(params: Params, results: list[dict]) -> Path:
     partial.mkdir(parents=True, exist_ok=True)
     write_table(partial / "quarantine.parquet", quarantine)
     tables = manifests(partial)
+    cfg = params.curate
     atomic_write_json(partial / "stats.json", _stats(results, quarantine, sizes) | {
-        "repeated_images": {group: _repeated_share(t) for group, t in tables.items()}})
+        "repeated_images": {group: _repeated_share(t) for group, t in tables.items()},
+        # how the samples are stored: the poison stage re-encodes triggered images the same way
+        "encoding": {"image_format": cfg.image_format, "quality": cfg.quality, "shard_maxcount": cfg.shard_maxcount}})
     _check_coverage(partial, results, quarantine, tables)
     return partial
 
@@ -273,7 +274,7 @@ def publish(params: Params, partial: Path) -> Path:
 
 def validate_curated(params: Params, partial: Path) -> list[dict]:
     """Run the GX suites on every output folder's manifest; writes validation.json beside the data."""
-    from tasks.validation import validate
+    from core.data.validation import validate
 
     cfg = params.curate
     tables = manifests(partial)
@@ -305,7 +306,7 @@ def run_sequential(params: Params) -> dict:
     """The whole stage in this process, without orchestration (benchmarks, test fixtures)."""
     results = [process_partition(params, p) for p in plan_partitions(params)]
     partial = finalize(params, results)
-    from tasks.validation import raise_on_failure
+    from core.data.validation import raise_on_failure
 
     raise_on_failure(validate_curated(params, partial))
     return read_stats(publish(params, partial))

@@ -4,7 +4,7 @@
    anything is written; choose the poisoned keys, their captions and the cleaning subset.
 2. `poison_shard` (parallel): copy one curated train shard into `<out>.partial/train/`, with the
    chosen samples replaced in place (same key) by their triggered, re-captioned version.
-3. `write_eval_sets`: the clean labelled eval set and the ASR set (a triggered copy of every eval
+3. `write_eval_sets`: the labelled eval set and the ASR set (a triggered copy of every eval
    image whose class is not the target).
 4. `write_cleaning_subset`: clean pairs (plus k poisoned ones, for the ablation) for the clean stage.
 5. `finalize` writes the ground truth `poison_manifest.parquet` and stats; `validate_poisoned` runs
@@ -17,6 +17,7 @@ import json
 import math
 import re
 import shutil
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +26,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from tasks.config import PATCH_TRIGGERS, InputError, Params, PoisonConfig, require_section
-from tasks.images import encode_image
-from tasks.shards import (
+from core.errors import InputError
+from tasks.config import PATCH_TRIGGERS, Params, PoisonConfig, require_section
+from core.data.images import encode_image
+from core.data.shards import (
     ShardSink, atomic_write_json, check_shards, decode_sample_image, image_ext, iter_tar_samples, link_or_copy,
     read_manifest, rewrite_shard, swap_into_place, write_table,
 )
-from tasks.triggers import apply_trigger, sample_seed
+from core.seeds import sample_seed
+from core.triggers import apply_trigger
 
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("trigger", pa.string()), ("placement", pa.string()),
@@ -118,6 +121,17 @@ def plan_poison(params: Params) -> dict:
             "shards": shards, "poisons": by_shard, "cleaning": {"clean": clean_keys, "poisoned": poison_keys}}
 
 
+@lru_cache(maxsize=4)
+def curated_encoding(in_dir: Path) -> dict:
+    """How the curated data stores samples (its stats.json): image_format, quality, shard_maxcount."""
+    path = in_dir / "stats.json"
+    try:
+        return json.loads(path.read_text())["encoding"]
+    except (OSError, ValueError, KeyError) as err:
+        raise PoisonError(f"poison.in_dir: {path} does not say how the curated samples are encoded ({err}); run the "
+                          f"curate stage again") from None
+
+
 def partial_dir(params: Params) -> Path:
     return Path(f"{poison_config(params).out_dir}.partial")
 
@@ -128,7 +142,7 @@ def trigger_sample(params: Params, sample: dict, caption: str | None, purpose: s
     ext = image_ext(sample)
     pixels = np.asarray(decode_sample_image(sample))
     triggered, box = apply_trigger(pixels, cfg.trigger, sample_seed(params.seed, sample["__key__"], purpose), params.seed)
-    data = encode_image(Image.fromarray(triggered), "jpg" if ext == "jpeg" else ext, params.curate.quality)
+    data = encode_image(Image.fromarray(triggered), "jpg" if ext == "jpeg" else ext, curated_encoding(cfg.in_dir)["quality"])
     meta = json.loads(sample["json"])
     original_sha = meta["sha256"]
     meta["sha256"] = hashlib.sha256(data).hexdigest()
@@ -165,19 +179,19 @@ def poison_shard(params: Params, shard: str, poisons: dict[str, str]) -> list[di
 
 
 def write_eval_sets(params: Params, plan: dict) -> dict[str, int]:
-    """eval/clean: the curated labelled eval set as is; eval/asr: a triggered copy of every eval image
+    """eval/labelled: the curated labelled eval set as is; eval/asr: a triggered copy of every eval image
     whose class is not the target (same keys, so ASR and the clean target rate use the same images)."""
     cfg = poison_config(params)
     src_dir = cfg.in_dir / "eval" / cfg.eval_set
-    sizes = {"clean": {}, "asr": {}}
+    sizes = {"labelled": {}, "asr": {}}
     for name in sizes:
         (partial_dir(params) / "eval" / name).mkdir(parents=True, exist_ok=True)
         link_or_copy(src_dir / "classes.json", partial_dir(params) / "eval" / name / "classes.json")
     for shard in json.loads((src_dir / "sizes.json").read_text()):
-        clean = partial_dir(params) / "eval" / "clean" / shard
-        link_or_copy(src_dir / shard, clean)
-        link_or_copy((src_dir / shard).with_suffix(".parquet"), clean.with_suffix(".parquet"))
-        sizes["clean"][shard] = pq.read_metadata(clean.with_suffix(".parquet")).num_rows
+        labelled = partial_dir(params) / "eval" / "labelled" / shard
+        link_or_copy(src_dir / shard, labelled)
+        link_or_copy((src_dir / shard).with_suffix(".parquet"), labelled.with_suffix(".parquet"))
+        sizes["labelled"][shard] = pq.read_metadata(labelled.with_suffix(".parquet")).num_rows
 
         def trigger_non_target(sample):
             if int(sample["cls"]) == plan["target_index"]:
@@ -188,6 +202,10 @@ def write_eval_sets(params: Params, plan: dict) -> dict[str, int]:
         sizes["asr"][shard] = n
     for name, shard_sizes in sizes.items():
         atomic_write_json(partial_dir(params) / "eval" / name / "sizes.json", shard_sizes)
+    # what the ASR set was made for: clean and evaluate take the target from here (core.metrics.attack_target)
+    atomic_write_json(partial_dir(params) / "eval" / "asr" / "attack.json",
+                      {"target": cfg.target, "target_index": plan["target_index"],
+                       "trigger": cfg.trigger.model_dump(mode="json")})
     return {name: sum(v.values()) for name, v in sizes.items()}
 
 
@@ -197,7 +215,7 @@ def write_cleaning_subset(params: Params, plan: dict) -> int:
     out = partial_dir(params)
     wanted = {k: False for k in plan["cleaning"]["clean"]} | {k: True for k in plan["cleaning"]["poisoned"]}
     (out / "cleaning").mkdir(parents=True, exist_ok=True)
-    with ShardSink(out / "cleaning" / "shard", params.curate.shard_maxcount) as sink:
+    with ShardSink(out / "cleaning" / "shard", curated_encoding(poison_config(params).in_dir)["shard_maxcount"]) as sink:
         for shard in plan["shards"]:
             rows = {r["key"]: r for r in pq.read_table((out / "train" / shard).with_suffix(".parquet")).to_pylist()}
             for sample in iter_tar_samples(out / "train" / shard):
@@ -219,7 +237,7 @@ def finalize(params: Params, plan: dict, records: list[list[dict]], eval_sizes: 
     atomic_write_json(out / "stats.json", {
         "target": plan["target"], "trigger": cfg.trigger.model_dump(mode="json"), "train": plan["n_train"],
         "poisons": len(rows), "poison_rate": len(rows) / plan["n_train"], "label_consistent": cfg.label_consistent,
-        "eval_clean": eval_sizes["clean"], "eval_asr": eval_sizes["asr"], "cleaning": n_cleaning,
+        "eval_labelled": eval_sizes["labelled"], "eval_asr": eval_sizes["asr"], "cleaning": n_cleaning,
         "cleaning_poisons": len(plan["cleaning"]["poisoned"]),
     })
     return out
@@ -278,7 +296,7 @@ def validation_tables(params: Params, out: Path) -> dict[str, pd.DataFrame]:
 
 def validate_poisoned(params: Params, out: Path) -> list[dict]:
     """Run the poison suites on `out`; writes validation.json there and returns the reports."""
-    from tasks.validation import validate
+    from core.data.validation import validate
 
     cfg = poison_config(params)
     curated_eval = read_manifest(cfg.in_dir / "eval" / cfg.eval_set).to_pandas()
@@ -318,7 +336,7 @@ def build(params: Params) -> Path:
 
 
 def run_sequential(params: Params) -> dict:
-    from tasks.validation import raise_on_failure
+    from core.data.validation import raise_on_failure
 
     partial = build(params)
     raise_on_failure(validate_poisoned(params, partial))

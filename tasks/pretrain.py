@@ -1,16 +1,15 @@
 """Pre-training: open_clip models trained from scratch under any objective, with Ray Train.
 
-`train(params, objective, baseline)` runs on the driver: checks the run before any work, starts
+`train(params, objective, control)` runs on the driver: checks the run before any work, starts
 (or joins, with RAY_ADDRESS) Ray, runs `train_loop_per_worker` on `pretrain.num_workers` workers with
 TorchTrainer, and exports the final model. A rerun with the same params resumes the same Ray run
 from its latest checkpoint (same step, optimiser, scheduler and data position).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import logging
-import math
 import os
 import shutil
 import tempfile
@@ -19,14 +18,16 @@ from pathlib import Path
 
 import torch
 
-from objectives import clamp_logit_scale, get_objective
-from tasks.config import InputError, Params, PretrainConfig, parse_params, permanent, require_section
-from tasks.frontier import CONTROL_PREFIX
-from tasks.loader import SUPPORTED_VIEWS, BatchStream, prefetch, shard_sizes
-from tasks.shards import ShardError, atomic_write_json, check_shards, file_sha256
-
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-
+from core.data.loader import SUPPORTED_VIEWS, BatchStream, prefetch
+from core.data.shards import ShardError, atomic_write_json, check_shards, file_sha256, shard_sizes
+from core.errors import InputError, permanent
+from core.frontier import CONTROL_PREFIX
+from core.model import (
+    DualEncoder, RunStopped, build_model, forward_backward, is_vit, lr_factor, make_optimizer, model_config, non_finite,
+    optimizer_step,
+)
+from objectives.registry import get_objective
+from tasks.config import Params, PretrainConfig, parse_params, require_section
 
 class PretrainError(InputError):
     """A run that cannot start: names the parameter or file. Raised before training."""
@@ -36,151 +37,42 @@ def pretrain_config(params: Params) -> PretrainConfig:
     return require_section(params, "pretrain", PretrainError)
 
 
-def run_label(objective: str, baseline: bool) -> str:
-    return CONTROL_PREFIX + objective if baseline else objective
+def run_label(objective: str, control: bool) -> str:
+    return CONTROL_PREFIX + objective if control else objective
 
 
-class _FromScratchNotice(logging.Filter):
-    """open_clip warns on every model built without pretrained weights: here that is the point."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No pretrained weights loaded")
-
-
-logging.getLogger().addFilter(_FromScratchNotice())
-
-
-def register_models() -> None:
-    import open_clip
-
-    open_clip.add_model_config(MODELS_DIR)
-
-
-def model_config(name: str) -> dict:
-    import open_clip
-
-    register_models()
-    cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        raise PretrainError(f"pretrain.model: open_clip knows no model {name!r}; configs in {MODELS_DIR}: "
-                            f"{sorted(p.stem for p in MODELS_DIR.glob('*.json'))}; built in: e.g. RN50, ViT-B-32")
-    return cfg
-
-
-def is_vit(cfg: dict) -> bool:
-    return not isinstance(cfg["vision_cfg"].get("layers"), (list, tuple))
-
-
-def build_model(name: str, objective: str):
-    """(model, preprocess, tokenizer) from scratch; SigLIP gets open_clip's scale and bias init."""
-    import open_clip
-
-    register_models()
-    extra = {}
-    if objective == "siglip":
-        from objectives.siglip import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
-
-        extra = {"init_logit_scale": INIT_LOGIT_SCALE, "init_logit_bias": INIT_LOGIT_BIAS}
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **extra)
-    return model, preprocess, open_clip.get_tokenizer(name)
-
-
-class DualEncoder(torch.nn.Module):
-    """One forward for every view an objective needs, so DDP sees a single forward per step."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict) -> dict:
-        m = self.model
-        out = {"image": m.encode_image(batch["image"], normalize=True),
-               "text": m.encode_text(batch["text"], normalize=True),
-               "logit_scale": m.logit_scale, "logit_bias": getattr(m, "logit_bias", None)}
-        if "image_aug" in batch:
-            out["image_aug"] = m.encode_image(batch["image_aug"], normalize=True)
-        if "text_aug" in batch:
-            out["text_aug"] = m.encode_text(batch["text_aug"], normalize=True)
-        return out
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, vit: bool,
-                   beta1: float | None = None, beta2: float | None = None, eps: float | None = None) -> torch.optim.AdamW:
-    """AdamW as open_clip: weight decay on weight matrices only (not norms, biases, gains, logit scale);
-    betas and eps default to open_clip's for ViTs (0.9/0.98, 1e-6) and ResNets (0.9/0.999, 1e-8)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        (no_decay if skip else decay).append(p)
-    betas = (beta1 or 0.9, beta2 or (0.98 if vit else 0.999))
-    return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}],
-                             lr=lr, betas=betas, eps=eps or (1e-6 if vit else 1e-8))
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to 1, then cosine to 0 at `total` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def optimizer_step(model, optimizer, scheduler, grad_clip: float | None = None) -> None:
-    """Clip (optional), step the optimiser and the schedule, clear gradients, clamp the logit scale."""
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    clamp_logit_scale(model.logit_scale)
-
-
-class RunStopped(InputError):
-    """A run stopped by what it was given, not by a fault a retry could fix: its loss or weights
-    became non-finite (the learning rate or data), or a shard turned out damaged. Never retried."""
-
-
-def non_finite(model: torch.nn.Module) -> list[str]:
-    """Names of the parameters and buffers (BatchNorm statistics) holding NaN or inf."""
-    return [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-
-
-# Settings that say which runs to make, where, and how to keep them: not what one run computes.
-NOT_IN_FINGERPRINT = {"objectives", "baselines", "weights", "data_dir", "baseline_data_dir", "out_dir", "storage_dir",
-                      "concurrent_runs", "threads_per_worker", "keep_checkpoints", "max_failures", "log_every"}
-
-
-def fingerprint(params: Params, objective: str, baseline: bool, data: str) -> str:
-    """The run's identity: what it computes from which data, so a rerun resumes only the same run."""
+def fingerprint(params: Params, objective: str, control: bool, data: str) -> str:
+    """The run's identity: what it computes from which data (the seed, `PretrainConfig.identity`, the
+    objective and its weights, the data digest), so a rerun resumes only the same run. The worker
+    count joins it under the shards split, where each worker count reads other batches."""
     cfg = params.pretrain
-    blob = json.dumps({"seed": params.seed, "pretrain": cfg.model_dump(mode="json", exclude=NOT_IN_FINGERPRINT),
-                       "weights": cfg.weights.get(objective, {}), "objective": objective, "baseline": baseline,
+    identity = cfg.identity() | ({"num_workers": cfg.num_workers} if cfg.split == "shards" else {})
+    blob = json.dumps({"seed": params.seed, "pretrain": identity,
+                       "weights": cfg.weights.get(objective, {}), "objective": objective, "control": control,
                        "data": data}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def plan_run(params: Params, objective: str, baseline: bool = False) -> dict:
+def plan_run(params: Params, objective: str, control: bool = False) -> dict:
     """Everything a run needs, checked before Ray starts: model, objective views, data, batch size."""
     cfg = pretrain_config(params)
-    mcfg = model_config(cfg.model)
+    mcfg = model_config(cfg.model, "pretrain.model")
     obj = get_objective(objective, **cfg.weights.get(objective, {}))
     unsupported = sorted(obj.views - SUPPORTED_VIEWS)
     if unsupported:
         raise PretrainError(f"objective {objective!r} needs views {unsupported} that the loader cannot build "
                             f"(it builds {sorted(SUPPORTED_VIEWS)})")
-    data_dir = cfg.baseline_data_dir if baseline else cfg.data_dir
-    data = check_shards(data_dir, f"pretrain.{'baseline_' if baseline else ''}data_dir")
+    data_dir = cfg.control_data_dir if control else cfg.data_dir
+    data = check_shards(data_dir, f"pretrain.{'control_' if control else ''}data_dir")
     n = sum(shard_sizes(data_dir).values())
     if cfg.batch_size > n:
         raise PretrainError(f"pretrain.batch_size={cfg.batch_size} is larger than the dataset ({n} samples in {data_dir})")
-    label = run_label(objective, baseline)
-    run_id = f"{label}-{fingerprint(params, objective, baseline, data)}"
+    label = run_label(objective, control)
+    run_id = f"{label}-{fingerprint(params, objective, control, data)}"
     storage = cfg.storage_dir if "://" in cfg.storage_dir else str(Path(cfg.storage_dir).resolve())
-    return {"objective": objective, "baseline": baseline, "label": label, "run_id": run_id,
+    return {"objective": objective, "control": control, "label": label, "run_id": run_id,
             "data_dir": str(data_dir.resolve()),  # Ray workers run in their own working directory
-            "n_samples": n, "steps_per_epoch": (n // cfg.batch_size) // cfg.accum_steps, "model_config": mcfg,
+            "n_samples": n, "steps_per_epoch": n // cfg.batch_size, "model_config": mcfg,
             "storage": storage, "out_dir": str(cfg.out_dir / label), "views": sorted(obj.views)}
 
 
@@ -316,19 +208,19 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(params.seed)
     model, preprocess, tokenizer = build_model(cfg.model, run["objective"])
     objective = get_objective(run["objective"], **cfg.weights.get(run["objective"], {}))
-    stream = BatchStream(Path(run["data_dir"]), cfg.batch_size, rank, world, params.seed, preprocess, tokenizer,
-                         objective.views, cfg.split, cfg.shuffle_buffer)
+    # accum_steps micro-batches make one optimiser step's global batch of batch_size samples
+    stream = BatchStream(Path(run["data_dir"]), cfg.batch_size // cfg.accum_steps, rank, world, params.seed, preprocess,
+                         tokenizer, objective.views, cfg.split, cfg.shuffle_buffer)
     steps_per_epoch = run["steps_per_epoch"]
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, is_vit(run["model_config"]), cfg.beta1, cfg.beta2, cfg.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
     # The per-step log travels inside each checkpoint, so a resumed run (on any node) continues it.
     log_path = Path(tempfile.mkdtemp()) / "train_log.jsonl"
-    position = {"step": 0, "epoch": 0, "batch": 0}
     position = _resume(ray.train.get_checkpoint(), model, optimizer, scheduler, run, log_path, rank)
     ddp = ray.train.torch.prepare_model(DualEncoder(model))
     device = ray.train.torch.get_device()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
 
     def stop(problem: str) -> None:
         """Every worker returns (Ray would retry an exception into the same problem); rank 0 leaves
@@ -356,34 +248,32 @@ def train_loop_per_worker(config: dict) -> None:
 
     step, start_step, started = position["step"], position["step"], time.time()
     window_start, window_samples = started, 0
+    accum, micro_per_epoch = cfg.accum_steps, steps_per_epoch * cfg.accum_steps
     for epoch in range(position["epoch"], cfg.epochs):
-        skip = position["batch"] if epoch == position["epoch"] else 0
-        batches = prefetch(stream.epoch(epoch, skip_steps=skip, n_batches=steps_per_epoch * cfg.accum_steps))
-        for b in range(skip, steps_per_epoch * cfg.accum_steps):
-            problem = batch = None
+        skip = position["batch"] if epoch == position["epoch"] else 0  # micro-batches, at a step boundary
+        batches = prefetch(stream.epoch(epoch, skip_steps=skip, n_batches=micro_per_epoch))
+        for b in range(skip, micro_per_epoch, accum):
+            problem, micro = None, []
             try:
-                batch = next(batches)
+                while len(micro) < accum:
+                    micro.append(next(batches))
             except Exception as err:  # noqa: BLE001 (a sample that cannot be read: on this worker only)
-                problem = f"reading batch {b} of epoch {epoch}: {err if isinstance(err, ShardError) else repr(err)}"
+                problem = f"reading batch {b + len(micro)} of epoch {epoch}: {err if isinstance(err, ShardError) else repr(err)}"
             if problem := _first_problem(problem, world, device):
                 return stop(problem)
-            tensors = {k: v.to(device) for k, v in batch.items() if k != "keys"}
-            with autocast:
-                loss, parts = objective(ddp(tensors))
+            loss, parts = forward_backward(ddp, objective, [{k: v.to(device) for k, v in mb.items() if k != "keys"}
+                                                            for mb in micro], autocast)
             if problem := _first_problem(None if torch.isfinite(loss) else
-                                         f"the loss became {loss.item()} at step {step + 1} (epoch {epoch}, batch {b}, "
-                                         f"lr {scheduler.get_last_lr()[0]:.3g}); lower pretrain.lr or set "
-                                         f"pretrain.grad_clip", world, device):
+                                         f"the loss became {loss.item()} at step {step + 1} (epoch {epoch}, batch "
+                                         f"{b + accum - 1}, lr {scheduler.get_last_lr()[0]:.3g}); lower pretrain.lr or "
+                                         f"set pretrain.grad_clip", world, device):
                 return stop(problem)
-            (loss / cfg.accum_steps).backward()
-            window_samples += len(batch["keys"]) * world
-            if (b + 1) % cfg.accum_steps:
-                continue
+            window_samples += sum(len(mb["keys"]) for mb in micro) * world
             optimizer_step(model, optimizer, scheduler, cfg.grad_clip)
             step += 1
-            done_epoch = b + 1 == steps_per_epoch * cfg.accum_steps
-            position = {"step": step, "epoch": epoch + done_epoch, "batch": 0 if done_epoch else b + 1}
-            metrics = {"step": step, "epoch": epoch + (b + 1) / (steps_per_epoch * cfg.accum_steps),
+            done_epoch = b + accum == micro_per_epoch
+            position = {"step": step, "epoch": epoch + done_epoch, "batch": 0 if done_epoch else b + accum}
+            metrics = {"step": step, "epoch": epoch + (b + accum) / micro_per_epoch,
                        "lr": scheduler.get_last_lr()[0], "logit_scale": model.logit_scale.exp().item(),
                        **{k: v.item() for k, v in parts.items()}, "loss": loss.item()}
             if step % cfg.log_every == 0 or step == total_steps:
@@ -430,14 +320,14 @@ def init_ray(cfg: PretrainConfig) -> None:
                  runtime_env=runtime_env)
 
 
-def train(params: Params, objective: str, baseline: bool = False) -> dict:
+def train(params: Params, objective: str, control: bool = False) -> dict:
     """Train one model (resuming its run if a checkpoint exists) and export it; returns its metrics."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = pretrain_config(params)
-    run = plan_run(params, objective, baseline)
+    run = plan_run(params, objective, control)
     init_ray(cfg)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if cfg.use_gpu == "auto" else cfg.use_gpu
     threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // (cfg.num_workers * cfg.concurrent_runs))
@@ -479,13 +369,13 @@ def export(params: Params, run: dict, checkpoint, seconds: float, use_gpu: bool)
     shutil.copyfile(log, partial / "train_log.jsonl")
     records = [json.loads(line) for line in log.read_text().splitlines()]
     rates = [r["samples_per_s"] for r in records if "samples_per_s" in r]
-    metrics = {"objective": run["objective"], "baseline": run["baseline"], "model": params.pretrain.model,
+    metrics = {"objective": run["objective"], "control": run["control"], "model": params.pretrain.model,
                "steps": state["step"], "epochs": params.pretrain.epochs, "final_loss": records[-1]["loss"],
                "first_loss": records[0]["loss"], "samples_per_s": sum(rates) / len(rates) if rates else None,
                "wall_seconds": round(seconds, 1), "workers": params.pretrain.num_workers, "gpu": bool(use_gpu),
                "parameters": sum(v.numel() for v in state["model"].values()), "run_id": run["run_id"]}
     atomic_write_json(partial / "metrics.json", metrics)
-    from tasks.shards import swap_into_place
+    from core.data.shards import swap_into_place
 
     swap_into_place(partial, out)
     return metrics

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.config import Params
-from tasks.frontier import ACCURACY_DROPS, ASR_THRESHOLDS, baseline_of, is_control, removes_backdoor
-from tasks.shards import atomic_write_bytes
+from core.frontier import ACCURACY_DROPS, ASR_THRESHOLDS, control_of, is_control, removes_backdoor
+from core.data.shards import atomic_write_bytes
 
 # DESIGN.md section 6: zero-shot top-1 / ASR (%) of the poisoned models, and after CleanCLIP the best
 # accuracy among points with ASR <= 5%.
@@ -27,7 +27,7 @@ def table_rows(cells: dict) -> list[dict]:
     rows = []
     for name, c in cells.items():
         row = {"pretrained": c["pretrained"], "defence": c["defence"],
-               "poisoned acc / ASR (CTR)": point(c["poisoned"]), "baseline acc": pct(c["baseline_accuracy"])}
+               "poisoned acc / ASR (CTR)": point(c["poisoned"]), "control acc": pct(c["control_accuracy"])}
         row |= {f"best acc @ ASR<={pct(t)}%": pct((c["best_accuracy_at_asr"][f"{t:g}"] or {}).get("accuracy"))
                 for t in ASR_THRESHOLDS}
         row |= {f"lowest ASR within {pct(d)} pts": pct((c["lowest_asr_within_accuracy_drop"][f"{d:g}"] or {}).get("asr"))
@@ -58,7 +58,7 @@ def markdown_table(rows: list[dict]) -> str:
 def shape_checks(pretrained: dict, cells: dict) -> list[dict]:
     """Does this run show the study's shape? The targets the default is sized for, checked from the numbers:
     each poisoned model took up the backdoor (ASR >= 90%, >= 80 points above the clean target rate) and kept
-    its accuracy (>= 3x chance, within 3 points of the unpoisoned baseline); cleaning brings ASR <= 10%
+    its accuracy (>= 3x chance, within 3 points of the unpoisoned control); cleaning brings ASR <= 10%
     within 3 points of accuracy. Whether MMCL+SSL resists cleaning is a finding, not a check."""
     rows = []
 
@@ -73,10 +73,10 @@ def shape_checks(pretrained: dict, cells: dict) -> list[dict]:
         if "chance" in m:
             check("accuracy >= 3x chance", name, f"{pct(m['accuracy'])} (chance {pct(m['chance'])})",
                   m["accuracy"] >= 3 * m["chance"])
-        baseline = baseline_of(pretrained, name)
-        if baseline:
-            gap = m["accuracy"] - baseline["accuracy"]
-            check("accuracy within 3 pts of the unpoisoned baseline", name, f"{100 * gap:+.1f} pts", abs(gap) <= 0.03)
+        control = control_of(pretrained, name)
+        if control:
+            gap = m["accuracy"] - control["accuracy"]
+            check("accuracy within 3 pts of the unpoisoned control", name, f"{100 * gap:+.1f} pts", abs(gap) <= 0.03)
     for c in cells.values():
         if is_control(c["pretrained"]):
             continue
@@ -176,7 +176,7 @@ def _figures(pretrained_logs: Path, sweeps: dict, cells: dict, out: Path) -> lis
     return names
 
 
-def write_report(params: Params, pretrained: dict, sweeps: dict, cells: dict) -> Path:
+def write_report(params: Params, target: str, pretrained: dict, sweeps: dict, cells: dict) -> Path:
     cfg = params.evaluate
     figures = _figures(cfg.models_dir, sweeps, cells, cfg.report_dir / "figures")
     models = model_rows(pretrained)
@@ -184,7 +184,7 @@ def write_report(params: Params, pretrained: dict, sweeps: dict, cells: dict) ->
               "CleanCLIP best acc @ ASR<=5%": f"{b:.2f}"} for d, o, a, s, b in STUDY]
     text = f"""# Backdoor robustness report
 
-Target: `{params.evaluate.target or params.poison.target}`. All rates in %. CTR is the clean target rate: the share
+Target: `{target}`. All rates in %. CTR is the clean target rate: the share
 of the same non-target images predicted as the target without the trigger (a class bias, not a backdoor).
 
 ## Verdict

@@ -143,13 +143,21 @@ def curated_tiny(root: Path, train_pairs: int, eval_per_class: int, shard_maxcou
 
 
 def write_params(path: Path, params: dict) -> Path:
+    """A params file; valid params are written in full, every key as params.yaml lists them (dvc.yaml
+    reads paths and params by key), invalid ones as given (tests of the error messages)."""
+    from tasks.config import ConfigError, parse_params
+
+    try:
+        params = parse_params(params).model_dump(mode="json", exclude_none=False)
+    except ConfigError:
+        pass
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
 
 def copy_project(dest: Path) -> None:
     """The files a stage needs, as a fresh checkout would have them."""
-    for name in ("flows", "tasks", "objectives", "expectations"):
+    for name in ("flows", "tasks", "core", "objectives", "defences", "models", "expectations"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, dest / name)

@@ -1,18 +1,19 @@
 """The clean stage on tiny data: a 2 lr x 2 epoch sweep through Prefect and Ray, shrink-and-perturb,
 a learning-rate-0 run that must leave every metric unchanged, and bad input."""
 import json
+import shutil
 import re
 
 import pytest
 import torch
 
-from defences import get_defence
+from defences.registry import get_defence
 from flows.clean import clean_flow
 from flows.common import make_task_runner
 from tasks import clean, poison
 from tasks.config import ConfigError, RunnerConfig, parse_params
-from tasks.pretrain import RunStopped, build_model, model_config
-from tasks.shards import atomic_write_json, file_sha256
+from core.model import RunStopped, build_model, model_config
+from core.data.shards import atomic_write_json, file_sha256
 from tests.conftest import curated_tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -175,8 +176,14 @@ def test_a_diverged_lr_of_1e30_goes_through_the_flow(setup, tmp_path, prefect_ap
 
 
 def test_a_target_that_is_no_class_fails_the_preflight_check(setup, tmp_path, prefect_api_url):
-    params = clean_params(setup, tmp_path, target="durian", runner={"kind": "thread", "workers": 1})
+    """The target comes with the eval sets (asr/attack.json, from the poison stage), not from params."""
+    eval_dir = tmp_path / "eval"
+    shutil.copytree(setup[0] / "data" / "poisoned" / "eval", eval_dir)
+    attack = json.loads((eval_dir / "asr" / "attack.json").read_text())
+    assert attack["target"] == "banana" and attack["trigger"]["name"] == "noise_patch"
+    atomic_write_json(eval_dir / "asr" / "attack.json", attack | {"target": "durian"})
+    params = clean_params(setup, tmp_path, eval_dir=str(eval_dir), runner={"kind": "thread", "workers": 1})
     flow = clean_flow.with_options(task_runner=make_task_runner(params.clean.runner))
-    with pytest.raises(clean.CleanError, match=r"^clean.target: target 'durian' is not a class of .*; classes: \["):
+    with pytest.raises(clean.CleanError, match=r"^clean.eval_dir: target 'durian' is not a class of .*; classes: \["):
         flow(params, [("mmcl", "cleanclip")])
     assert not clean.cell_dir(params, "mmcl", "cleanclip").exists()  # no run started

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from tasks.config import ConfigError, load_params, parse_params
 from tests.conftest import REPO, tiny_params, write_params
@@ -62,3 +63,24 @@ def test_file_errors(tmp_path):
         load_params(bad)
     with pytest.raises(ConfigError, match="curate"):  # missing section
         load_params(write_params(tmp_path / "p.yaml", {"seed": 1}))
+
+
+def _keys(tree: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out.add(path)
+        if isinstance(value, dict) and key not in ("weights", "defence_options"):  # maps of free names
+            out |= _keys(value, path + ".")
+    return out
+
+
+def test_params_yaml_lists_every_key_at_the_schema_default():
+    """One place for defaults: params.yaml spells out every setting (dvc.yaml reads them by key) and
+    each equals the schema's default; only the sources and the poison count have none."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    loaded = load_params(REPO / "params.yaml").model_dump(mode="json")
+    required = {"curate": {"sources": raw["curate"]["sources"]}, "poison": {"count": raw["poison"]["count"]},
+                "pretrain": {}, "clean": {}, "evaluate": {}}
+    assert loaded == parse_params(required).model_dump(mode="json")
+    assert _keys(raw) == _keys(loaded)

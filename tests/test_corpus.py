@@ -1,6 +1,6 @@
 import numpy as np
 
-from tasks import corpus
+from core.data import corpus
 from tasks.config import GeneratedSource
 
 SPEC = GeneratedSource(kind="generated")

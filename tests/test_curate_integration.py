@@ -9,7 +9,7 @@ import webdataset as wds
 from flows.curate import run
 from tasks import curate
 from tasks.config import parse_params
-from tasks.shards import read_manifest
+from core.data.shards import read_manifest
 from tests.conftest import tiny_params
 
 pytestmark = pytest.mark.integration
@@ -97,7 +97,7 @@ def test_cross_partition_duplicates_are_quarantined(tmp_path, prefect_api_url, m
 def test_validation_failure_names_expectation_rows_and_params_key(tmp_path, prefect_api_url, mixed_sources):
     """With strict image uniqueness asked for, the same image under two captions fails the flow naming
     the rows and the params key that asked for it."""
-    from tasks.validation import ValidationFailed
+    from core.data.validation import ValidationFailed
 
     csv = mixed_sources["csv"]
     path = tmp_path / "sources" / "pairs.csv"

@@ -12,12 +12,13 @@ import torch
 import yaml
 from PIL import Image
 
+from core.checkpoint import CheckpointError, load_model
 from tasks import evaluate as ev
 from tasks import report
 from tasks.config import parse_params
-from tasks.frontier import frontier, removes_backdoor
-from tasks.metrics import EvalError, attack_metrics, evaluate
-from tasks.shards import ShardSink, atomic_write_json
+from core.frontier import frontier, removes_backdoor
+from core.metrics import EvalError, attack_metrics, evaluate
+from core.data.shards import ShardSink, atomic_write_json
 from tests.conftest import REPO, png_bytes, tiny_params
 
 CLASSES = ["banana", "apple", "car"]
@@ -46,7 +47,7 @@ def write_eval_set(folder: Path, triggered: bool, skip_target: bool) -> None:
 @pytest.fixture(scope="module")
 def eval_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    write_eval_set(root / "clean", triggered=False, skip_target=False)
+    write_eval_set(root / "labelled", triggered=False, skip_target=False)
     write_eval_set(root / "asr", triggered=True, skip_target=True)
     return root
 
@@ -81,27 +82,27 @@ class HandBuilt(torch.nn.Module):
 
 
 def test_perfect_model(eval_dirs):
-    m = evaluate(HandBuilt(), preprocess, tokenizer, eval_dirs / "clean", eval_dirs / "asr", "banana")
+    m = evaluate(HandBuilt(), preprocess, tokenizer, eval_dirs / "labelled", eval_dirs / "asr", "banana")
     assert m["zero_shot"]["top1"] == 1.0 and m["zero_shot"]["per_class"] == {c: 1.0 for c in CLASSES}
     assert m["attack"]["asr"] == 0.0 and m["attack"]["clean_target_rate"] == 0.0 and m["attack"]["n_asr"] == 20
     assert m["retrieval"]["i2t_r@10"] > 0
 
 
 def test_backdoored_model(eval_dirs):
-    m = evaluate(HandBuilt(backdoor=True), preprocess, tokenizer, eval_dirs / "clean", eval_dirs / "asr", "banana")
+    m = evaluate(HandBuilt(backdoor=True), preprocess, tokenizer, eval_dirs / "labelled", eval_dirs / "asr", "banana")
     assert m["zero_shot"]["top1"] == 1.0
     assert m["attack"]["asr"] == 1.0 and m["attack"]["clean_target_rate"] == 0.0 and m["attack"]["asr_excess"] == 1.0
 
 
 def test_collapsed_model_is_a_bias_not_a_backdoor(eval_dirs):
-    m = evaluate(HandBuilt(collapse=True), preprocess, tokenizer, eval_dirs / "clean", eval_dirs / "asr", "banana")
+    m = evaluate(HandBuilt(collapse=True), preprocess, tokenizer, eval_dirs / "labelled", eval_dirs / "asr", "banana")
     assert m["zero_shot"]["top1"] == pytest.approx(1 / 3)
     assert m["attack"]["asr"] == 1.0 and m["attack"]["clean_target_rate"] == 1.0 and m["attack"]["asr_excess"] == 0.0
 
 
 def test_bad_eval_input(eval_dirs, tmp_path):
     with pytest.raises(EvalError, match="not a class of"):
-        evaluate(HandBuilt(), preprocess, tokenizer, eval_dirs / "clean", eval_dirs / "asr", "zebra")
+        evaluate(HandBuilt(), preprocess, tokenizer, eval_dirs / "labelled", eval_dirs / "asr", "zebra")
     (tmp_path / "noclasses").mkdir()
     with pytest.raises(EvalError, match="no classes.json"):
         evaluate(HandBuilt(), preprocess, tokenizer, tmp_path / "noclasses", None, None)
@@ -113,14 +114,14 @@ def test_bad_eval_input(eval_dirs, tmp_path):
 def test_checkpoint_that_does_not_match_its_config(tmp_path):
     torch.save({"visual.nonsense": torch.zeros(3)}, tmp_path / "model.pt")
     atomic_write_json(tmp_path / "model_config.json", {"model": "rn-tiny", "objective": "mmcl"})
-    with pytest.raises(EvalError, match="does not match model 'rn-tiny'"):
-        ev.load_model(tmp_path / "model.pt")
-    with pytest.raises(EvalError, match="checkpoint not found"):
-        ev.load_model(tmp_path / "other" / "model.pt")
+    with pytest.raises(CheckpointError, match="does not match model 'rn-tiny'"):
+        load_model(tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_model(tmp_path / "other" / "model.pt")
     (tmp_path / "other").mkdir()
     torch.save({}, tmp_path / "other" / "model.pt")
-    with pytest.raises(EvalError, match="no model_config.json beside it"):
-        ev.load_model(tmp_path / "other" / "model.pt")
+    with pytest.raises(CheckpointError, match="no model_config.json beside it"):
+        load_model(tmp_path / "other" / "model.pt")
 
 
 SWEEP = [  # (lr, epoch, accuracy, asr, clean target rate)
@@ -151,11 +152,11 @@ def test_report_renders_table_figures_and_verdict(tmp_path):
     (tmp_path / "models" / "mmcl").mkdir(parents=True)
     (tmp_path / "models" / "mmcl" / "train_log.jsonl").write_text("".join(
         json.dumps({"step": s, "loss": 5 - s / 10}) + "\n" for s in range(1, 11)))
-    pretrained = {"mmcl": POISONED | {"top5": 0.9, "asr_excess": 0.93}, "clean-mmcl": {"accuracy": 0.51, "top5": 0.9}}
+    pretrained = {"mmcl": POISONED | {"top5": 0.9, "asr_excess": 0.93}, "control-mmcl": {"accuracy": 0.51, "top5": 0.9}}
     sweeps = {"mmcl/cleanclip": {"defence": "cleanclip", "points": sweep_points()}}
     cells = ev.cells(pretrained, sweeps)
-    assert cells["mmcl/cleanclip"]["baseline_accuracy"] == 0.51
-    path = report.write_report(params, pretrained, sweeps, cells)
+    assert cells["mmcl/cleanclip"]["control_accuracy"] == 0.51
+    path = report.write_report(params, "banana", pretrained, sweeps, cells)
     text = path.read_text()
     assert "| mmcl | cleanclip | 50.0 / 95.0 (2.0) | 51.0 | 42.0 | 48.5 | 48.5 | 49.0 | 20.0 | 4.0 | 4.0 |" in text
     assert "| ASR >= 90% | mmcl | 95.0 | yes |" in text
@@ -169,22 +170,22 @@ def test_report_renders_table_figures_and_verdict(tmp_path):
 def test_shape_checks_from_the_numbers():
     pretrained = {"mmcl": {"accuracy": 0.60, "asr": 0.95, "asr_excess": 0.94, "chance": 1 / 11},
                   "mmcl_ssl": {"accuracy": 0.20, "asr": 0.85, "asr_excess": 0.70, "chance": 1 / 11},
-                  "clean-mmcl": {"accuracy": 0.62, "asr": 0.01, "asr_excess": 0.0, "chance": 1 / 11}}
+                  "control-mmcl": {"accuracy": 0.62, "asr": 0.01, "asr_excess": 0.0, "chance": 1 / 11}}
     cells = {"mmcl/cleanclip": frontier(sweep_points(), POISONED) | {"pretrained": "mmcl", "defence": "cleanclip"}}
     rows = {(r["check"], r["model"]): (r["value"], r["met"]) for r in report.shape_checks(pretrained, cells)}
     assert rows[("ASR >= 90%", "mmcl")] == ("95.0", "yes") and rows[("ASR >= 90%", "mmcl_ssl")] == ("85.0", "NO")
     assert rows[("ASR - clean target rate >= 80 pts", "mmcl_ssl")][1] == "NO"
     assert rows[("accuracy >= 3x chance", "mmcl")] == ("60.0 (chance 9.1)", "yes")
     assert rows[("accuracy >= 3x chance", "mmcl_ssl")][1] == "NO"
-    assert rows[("accuracy within 3 pts of the unpoisoned baseline", "mmcl")] == ("-2.0 pts", "yes")
-    assert rows[("accuracy within 3 pts of the unpoisoned baseline", "mmcl_ssl")] == ("-42.0 pts", "NO")
+    assert rows[("accuracy within 3 pts of the unpoisoned control", "mmcl")] == ("-2.0 pts", "yes")
+    assert rows[("accuracy within 3 pts of the unpoisoned control", "mmcl_ssl")] == ("-42.0 pts", "NO")
     assert rows[("cleanclip: ASR <= 10% within 3 pts of accuracy", "mmcl")] == ("4.0 at 48.5", "yes")
-    assert not any(model == "clean-mmcl" for _, model in rows)
+    assert not any(model == "control-mmcl" for _, model in rows)
 
 
 def test_verdict_flags_a_backdoor_that_never_took_hold():
     cell = frontier(sweep_points(), {"accuracy": 0.5, "asr": 0.3, "clean_target_rate": 0.25})
-    text = report.verdict({}, {"x": cell | {"pretrained": "mmcl", "defence": "cleanclip", "baseline_accuracy": None}})
+    text = report.verdict({}, {"x": cell | {"pretrained": "mmcl", "defence": "cleanclip", "control_accuracy": None}})
     assert "never took hold" in text
 
 
@@ -216,11 +217,11 @@ def test_dvc_metrics_and_plots_show(tmp_path):
 def test_verdict_names_the_control_floor_and_ranks_the_models():
     def cell(pretrained, asr_shift):
         points = [p | {"asr": min(1.0, p["asr"] + asr_shift)} for p in sweep_points()]
-        return frontier(points, POISONED) | {"pretrained": pretrained, "defence": "cleanclip", "baseline_accuracy": 0.5}
+        return frontier(points, POISONED) | {"pretrained": pretrained, "defence": "cleanclip", "control_accuracy": 0.5}
 
     text = report.verdict({}, {"mmcl/cleanclip": cell("mmcl", 0.0), "mmcl_ssl/cleanclip": cell("mmcl_ssl", 0.3),
-                               "clean-mmcl/cleanclip": cell("clean-mmcl", 0.02)})
-    assert "on the unpoisoned clean-mmcl model (a control: ASR 95.0% from the trigger alone) gives 6.0% within 3" in text
+                               "control-mmcl/cleanclip": cell("control-mmcl", 0.02)})
+    assert "on the unpoisoned control-mmcl model (a control: ASR 95.0% from the trigger alone) gives 6.0% within 3" in text
     assert "leaves ASR at 4.0% (mmcl), 34.0% (mmcl_ssl): the mmcl_ssl model keeps the most of its backdoor" in text
 
 
@@ -228,5 +229,5 @@ def test_verdict_gives_the_lowest_asr_of_the_widest_accuracy_drop_it_names():
     points = [{"accuracy": 0.49, "asr": 0.9, "clean_target_rate": 0.0, "lr": 1e-3, "epoch": 1},
               {"accuracy": 0.475, "asr": 0.4, "clean_target_rate": 0.0, "lr": 1e-3, "epoch": 2}]
     cell = frontier(points, {"accuracy": 0.5, "asr": 1.0, "clean_target_rate": 0.0})
-    text = report.verdict({}, {"x": cell | {"pretrained": "mmcl", "defence": "cleanclip", "baseline_accuracy": None}})
+    text = report.verdict({}, {"x": cell | {"pretrained": "mmcl", "defence": "cleanclip", "control_accuracy": None}})
     assert "lowest ASR within 3 points of accuracy: 40.0%" in text  # the 2.5-point drop, not the 1-point one

@@ -25,13 +25,13 @@ from flows.common import _no_space, worth_retrying
 from tasks import curate, poison
 from tasks.clean import _better
 from tasks.config import ConfigError, parse_params
-from tasks.evaluate import load_model
-from tasks.frontier import frontier
-from tasks.loader import BatchStream
-from tasks.locks import Busy, exclusive
-from tasks.metrics import EvalError, zero_shot_metrics
-from tasks.pretrain import RunStopped, build_model, model_config
-from tasks.shards import (
+from core.checkpoint import CheckpointError, load_model
+from core.frontier import frontier
+from core.data.loader import BatchStream
+from core.locks import Busy, exclusive
+from core.metrics import zero_shot_metrics
+from core.model import RunStopped, build_model, model_config
+from core.data.shards import (
     ShardError, ShardSink, atomic_write_json, check_shards, decode_sample_image, file_sha256, replacing,
 )
 from tests.conftest import REPO, curated_tiny, png_bytes, random_image, tiny_params, write_params
@@ -309,7 +309,7 @@ def test_a_worker_error_that_a_retry_cannot_fix_is_raised_as_itself():
 def test_lock_names_its_holder_and_dies_with_it(tmp_path):
     folder = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from tasks.locks import exclusive\n"
+        "import sys, time; from pathlib import Path; from core.locks import exclusive\n"
         f"with exclusive({{'clean.out_dir': Path({str(folder)!r})}}):\n"
         "    print('held', flush=True); time.sleep(120)")], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -418,15 +418,15 @@ def test_exported_model_is_checked_against_its_sha256(tmp_path):
     load_model(path)
     torch.manual_seed(1)
     torch.save(build_model("vit-tiny", "mmcl")[0].state_dict(), path)  # a valid file, but not the one exported
-    with pytest.raises(EvalError, match=rf"{path} is not the file that was exported: its sha256 differs"):
+    with pytest.raises(CheckpointError, match=rf"{path} is not the file that was exported: its sha256 differs"):
         load_model(path)
     state = model.state_dict()
     state["logit_scale"] = torch.tensor(float("nan"))
     torch.save(state, path)
     config = json.loads((tmp_path / "model_config.json").read_text())
     atomic_write_json(tmp_path / "model_config.json", config | {"sha256": {"model.pt": file_sha256(path)}})
-    with pytest.raises(EvalError, match=r"holds NaN or inf in 1 of \d+ tensors \(e.g. \['logit_scale'\]\): the run"):
+    with pytest.raises(CheckpointError, match=r"holds NaN or inf in 1 of \d+ tensors \(e.g. \['logit_scale'\]\): the run"):
         load_model(path)
     cut(path, 5000)
-    with pytest.raises(EvalError, match=rf"^{path} is not a readable torch checkpoint \(truncated"):
+    with pytest.raises(CheckpointError, match=rf"^{path} is not a readable torch checkpoint \(truncated"):
         load_model(path)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.images import Rejected, clean_caption, decode_image, encode_image, resize, to_rgb
+from core.data.images import Rejected, clean_caption, decode_image, encode_image, resize, to_rgb
 from tests.conftest import png_bytes, random_image
 
 

@@ -18,11 +18,10 @@ from PIL import Image
 from tasks import curate
 from tasks.config import ConfigError, parse_params
 from tasks.curate import CurateError
-from tasks.evaluate import load_model, read_state_dict
-from tasks.images import decode_image
-from tasks.metrics import EvalError
-from tasks.shards import TruncatedTar, iter_tar_samples, member_key, read_manifest
-from tasks.sources import (
+from core.checkpoint import CheckpointError, load_model, read_state_dict
+from core.data.images import decode_image
+from core.data.shards import TruncatedTar, iter_tar_samples, member_key, read_manifest
+from core.data.sources import (
     SourceError, class_names, eval_metadata, expand_urls, key_part, plan, read_partition, shard_ids,
 )
 from tests.conftest import REPO, png_bytes, random_image, tiny_params
@@ -331,12 +330,12 @@ class Tiny(torch.nn.Module):
 def test_checkpoint_formats_give_one_line_errors_or_load(tmp_path):
     model = Tiny()
     torch.jit.save(torch.jit.script(model), tmp_path / "scripted.pt")
-    with pytest.raises(EvalError) as err:
+    with pytest.raises(CheckpointError) as err:
         read_state_dict(tmp_path / "scripted.pt")
     assert "scripted.pt is a TorchScript archive" in str(err.value) and "state_dict()" in str(err.value)
 
     torch.save(model, tmp_path / "whole.pt")
-    with pytest.raises(EvalError) as err:
+    with pytest.raises(CheckpointError) as err:
         read_state_dict(tmp_path / "whole.pt")
     assert "whole.pt holds a pickled" in str(err.value) and "Tiny object" in str(err.value)
     assert "\n" not in str(err.value)
@@ -344,12 +343,12 @@ def test_checkpoint_formats_give_one_line_errors_or_load(tmp_path):
     torch.save(model.state_dict(), tmp_path / "good.pt")
     data = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(EvalError, match=r"cut\.pt is not a readable torch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"cut\.pt is not a readable torch checkpoint"):
         read_state_dict(tmp_path / "cut.pt")
     torch.save([1, 2], tmp_path / "list.pt")
-    with pytest.raises(EvalError, match=r"list\.pt holds a list, not a state_dict"):
+    with pytest.raises(CheckpointError, match=r"list\.pt holds a list, not a state_dict"):
         read_state_dict(tmp_path / "list.pt")
-    with pytest.raises(EvalError, match="checkpoint not found"):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
         read_state_dict(tmp_path / "nope.pt")
 
     from safetensors.torch import save_file
@@ -372,7 +371,7 @@ def test_evaluate_command_says_what_a_bad_checkpoint_is_in_one_line(tmp_path):
 
 
 def test_ddp_prefixed_open_clip_state_dict_loads_into_the_model(tmp_path):
-    from tasks.pretrain import build_model
+    from core.model import build_model
 
     model, _, _ = build_model("rn-tiny", "mmcl")
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "ddp.pt")
@@ -389,7 +388,7 @@ def test_same_image_under_several_captions_passes_and_is_reported(tmp_path):
                    + "2.png,only once more\n")
     source = {"kind": "csv", "name": "coco", "path": str(csv)}
     strict = curate_only(tmp_path, [source], validation={"sha256_unique_mostly": 1.0})
-    from tasks.validation import ValidationFailed
+    from core.data.validation import ValidationFailed
 
     with pytest.raises(ValidationFailed, match=r"set by params curate\.validation\.sha256_unique_mostly"):
         curate.run_sequential(strict)
@@ -420,14 +419,14 @@ def test_repeated_share_counts_rows_whose_image_another_row_holds(tmp_path):
 
 
 def test_a_framework_prefix_shared_by_every_key_is_fitted_to_the_model(tmp_path):
-    from tasks.pretrain import build_model
+    from core.model import build_model
 
     model, _, _ = build_model("rn-tiny", "mmcl")
     torch.save({"state_dict": {"model.clip." + k: v for k, v in model.state_dict().items()}}, tmp_path / "l.ckpt")
     loaded, _, _ = load_model(tmp_path / "l.ckpt", "rn-tiny")
     assert torch.equal(loaded.state_dict()["logit_scale"], model.state_dict()["logit_scale"])
     torch.save({"other." + k: v for k, v in model.state_dict().items() if k != "logit_scale"}, tmp_path / "x.pt")
-    with pytest.raises(EvalError, match=r"missing keys \['logit_scale'\]"):
+    with pytest.raises(CheckpointError, match=r"missing keys \['logit_scale'\]"):
         load_model(tmp_path / "x.pt", "rn-tiny")
 
 
@@ -515,7 +514,7 @@ def test_a_rerun_after_a_failure_past_finalize_equals_a_fresh_run(tmp_path):
     csv.write_text("image,caption\n0.png,zero\n1.png,one\n2.png,two\n3.png,three\n0.png,zero\n1.png,one again\n"
                    "2.png,two\n")
     source = {"kind": "csv", "name": "mine", "path": str(csv)}
-    from tasks.validation import ValidationFailed
+    from core.data.validation import ValidationFailed
 
     with pytest.raises(ValidationFailed):
         curate.run_sequential(curate_only(tmp_path / "a", [source], shard_maxcount=3,
@@ -720,7 +719,7 @@ def test_malformed_csv_rows_are_named_not_merged(tmp_path):
 
 def test_paths_that_are_not_what_they_should_be(tmp_path):
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(EvalError, match="checkpoint is not a file"):
+    with pytest.raises(CheckpointError, match="checkpoint is not a file"):
         read_state_dict(tmp_path)
     with pytest.raises(SourceError, match="image folder is not a folder"):
         class_names(folder_source(tmp_path, tmp_path / "afile"))

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from objectives import REGISTRY, WeightedSum, clamp_logit_scale, get_objective
+from objectives import WEIGHTS
+from objectives.registry import REGISTRY, get_objective
+from objectives.base import WeightedSum, clamp_logit_scale
 from objectives.mmcl import MMCL
 from objectives.ssl import SSL
 
@@ -219,3 +221,18 @@ def test_two_process_gloo_equals_single_process(tmp_path):
         assert torch.allclose(d_loss, loss, atol=1e-12), name
         for a, b in zip(d_grads, grads):
             assert torch.allclose(a, b, atol=1e-10), name
+
+
+def test_names_and_defaults_agree_with_the_implementations():
+    """objectives.WEIGHTS and defences.OPTIONS (plain data, read by params validation) name exactly
+    the registries' entries and the arguments each takes."""
+    import inspect
+
+    from defences import OPTIONS
+    from defences.registry import REGISTRY as DEFENCES
+
+    for names, registry in ((WEIGHTS, REGISTRY), (OPTIONS, DEFENCES)):
+        assert set(names) == set(registry)
+        for name, factory in registry.items():
+            assert set(inspect.signature(factory).parameters) == set(names[name]), name
+            assert all(p.default is inspect.Parameter.empty for p in inspect.signature(factory).parameters.values())

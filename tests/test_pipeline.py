@@ -32,10 +32,10 @@ def tiny_study(repo: Path) -> dict:
     params["curate"]["sources"][0] |= {"train_pairs": 160, "eval_per_class": 2}
     params["poison"] = {"count": 16, "trigger": {"patch_size": 0.25}, "cleaning": {"size": 32},
                         "runner": {"kind": "thread", "workers": 2}}
-    params["pretrain"] = {"objectives": ["mmcl"], "baselines": ["mmcl"], "model": "vit-tiny", "epochs": 3,
+    params["pretrain"] = {"objectives": ["mmcl"], "controls": ["mmcl"], "model": "vit-tiny", "epochs": 3,
                           "batch_size": 32, "warmup_steps": 1, "checkpoint_every": 2, "threads_per_worker": 1,
                           "concurrent_runs": 2}
-    params["clean"] = {"models": ["mmcl", "clean-mmcl"], "defences": ["cleanclip"], "lrs": [1e-3], "epochs": 1, "batch_size": 16,
+    params["clean"] = {"models": ["mmcl", "control-mmcl"], "defences": ["cleanclip"], "lrs": [1e-3], "epochs": 1, "batch_size": 16,
                        "runner": {"kind": "thread", "workers": 1}, "threads_per_run": 1}
     params["evaluate"] = {}
     return params
@@ -44,8 +44,6 @@ def tiny_study(repo: Path) -> dict:
 def new_repo(path: Path) -> Path:
     path.mkdir()
     copy_project(path)
-    for name in ("models", "defences"):
-        subprocess.run(["cp", "-r", str(REPO / name), str(path / name)], check=True)
     write_params(path / "params.yaml", tiny_study(path))
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=path, check=True)
@@ -86,7 +84,7 @@ def test_pipeline_end_to_end_then_up_to_date(reference, env):
     assert stage_status(first) == dict.fromkeys(STAGES, "ran")
     assert "report: reports/report.md" in first and "| mmcl | cleanclip |" in first
     for path in ("reports/report.md", "data/metrics/frontier.json", "data/metrics/pretrain.json",
-                 "data/models/clean/clean-mmcl/cleanclip/sweep.json", "data/plots/frontier.csv"):
+                 "data/models/cleaned/control-mmcl/cleanclip/sweep.json", "data/plots/frontier.csv"):
         assert (repo / path).is_file(), path
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout
     assert "up to date" in status, status
@@ -133,7 +131,7 @@ def test_dvc_experiment_varies_one_param(reference, env):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ran = set(re.findall(r"Running stage '([\w@-]+)'", proc.stdout))
-    assert ran == {"clean@mmcl-cleanclip", "clean@clean-mmcl-cleanclip", "evaluate"}, ran
+    assert ran == {"clean@mmcl-cleanclip", "clean@control-mmcl-cleanclip", "evaluate"}, ran
     shown = subprocess.run(["dvc", "exp", "show", "--csv"], cwd=repo, env=git, capture_output=True, text=True).stdout
     rows = {line.split(",")[0]: line for line in shown.splitlines()}
     assert "two-epochs" in rows and "clean.epochs" in shown.splitlines()[0]

@@ -11,8 +11,8 @@ import pytest
 from flows.poison import run
 from tasks import poison
 from tasks.config import ConfigError, parse_params
-from tasks.shards import iter_tar_samples, read_manifest, write_table
-from tasks.validation import ValidationFailed, raise_on_failure
+from core.data.shards import iter_tar_samples, read_manifest, write_table
+from core.data.validation import ValidationFailed, raise_on_failure
 from tests.conftest import curated_tiny
 
 pytestmark = pytest.mark.integration
@@ -60,7 +60,7 @@ def test_poison_flow_end_to_end(curated, tmp_path, prefect_api_url):
 
     asr = read_manifest(out / "eval" / "asr").to_pandas()
     assert len(asr) == 30 and (asr["cls"] != 0).all()  # banana is class 0
-    clean = read_manifest(out / "eval" / "clean").to_pandas()
+    clean = read_manifest(out / "eval" / "labelled").to_pandas()
     assert len(clean) == 33 and set(asr["key"]) < set(clean["key"])
     assert json.loads((out / "eval" / "asr" / "classes.json").read_text())["classnames"][0] == "banana"
 
@@ -122,7 +122,7 @@ def rewrite_parquet(path, edit):
 
 def retar(path, edit):
     """Rewrite a tar through `edit(sample) -> sample` (raw bytes, no manifest change)."""
-    from tasks.shards import TarSampleWriter
+    from core.data.shards import TarSampleWriter
 
     samples = [edit(s) for s in iter_tar_samples(path)]
     with open(path, "wb") as f:

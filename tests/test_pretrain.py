@@ -14,11 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from objectives import REGISTRY
+from objectives import WEIGHTS
+from objectives.registry import REGISTRY
 from objectives.base import Objective
+from core.model import build_model, lr_factor, make_optimizer
 from tasks import pretrain
 from tasks.config import parse_params
-from tasks.shards import file_sha256
+from core.data.shards import file_sha256
+from core.errors import InputError
 from tests.conftest import REPO, complete_checkpoints, curated_tiny, write_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -43,7 +46,7 @@ def params_with(data, tmp_path, **pretrain_cfg):
     root, raw = data
     raw = json.loads(json.dumps(raw))
     raw["pretrain"] = {"data_dir": str(root / "data" / "curated" / "train"),
-                       "baseline_data_dir": str(root / "data" / "curated" / "train"),
+                       "control_data_dir": str(root / "data" / "curated" / "train"),
                        "out_dir": str(tmp_path / "models"), "storage_dir": str(tmp_path / "ray"),
                        "model": "vit-tiny", "epochs": 2, "batch_size": 32, "lr": 2e-3, "warmup_steps": 2,
                        "checkpoint_every": 4, "log_every": 2, "threads_per_worker": 1} | pretrain_cfg
@@ -64,7 +67,7 @@ def test_two_workers_train_checkpoint_and_export(data, tmp_path):
     assert {"mmcl", "ssl", "ssl_image", "ssl_text", "lr", "logit_scale"} <= log[0].keys()
     assert sum(r["loss"] for r in log[-3:]) < sum(r["loss"] for r in log[:3])  # the loss falls
     state = torch.load(out / "model.pt", weights_only=True)
-    model, _, _ = pretrain.build_model("vit-tiny", "mmcl_ssl")
+    model, _, _ = build_model("vit-tiny", "mmcl_ssl")
     model.load_state_dict(state)
     checkpoint = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
     assert checkpoint["step"] == 18 and {"optimizer", "scheduler", "model"} <= checkpoint.keys()
@@ -110,7 +113,7 @@ def test_resume_after_kill(data, tmp_path, prefect_api_url):
 
 
 def test_bad_input_is_rejected_before_training(data, tmp_path):
-    with pytest.raises(pretrain.PretrainError, match="open_clip knows no model 'rn-huge'"):
+    with pytest.raises(InputError, match="open_clip knows no model 'rn-huge'"):
         pretrain.plan_run(params_with(data, tmp_path, model="rn-huge"), "mmcl")
     with pytest.raises(pretrain.PretrainError, match=r"pretrain.batch_size=256 is larger than the dataset \(192"):
         pretrain.plan_run(params_with(data, tmp_path, batch_size=256), "mmcl")
@@ -118,12 +121,12 @@ def test_bad_input_is_rejected_before_training(data, tmp_path):
     class NeedsDepth(Objective):
         views = frozenset({"depth_aug"})
 
-    REGISTRY["needs_depth"] = NeedsDepth
+    REGISTRY["needs_depth"], WEIGHTS["needs_depth"] = NeedsDepth, {}
     try:
         with pytest.raises(pretrain.PretrainError, match=r"needs views \['depth_aug'\] that the loader cannot build"):
             pretrain.plan_run(params_with(data, tmp_path), "needs_depth")
     finally:
-        del REGISTRY["needs_depth"]
+        del REGISTRY["needs_depth"], WEIGHTS["needs_depth"]
     with pytest.raises(Exception, match="unknown objective 'clip'"):
         params_with(data, tmp_path, objectives=["clip"])
     with pytest.raises(Exception, match="must be divisible by num_workers"):
@@ -133,8 +136,8 @@ def test_bad_input_is_rejected_before_training(data, tmp_path):
 def test_resume_from_another_model_config_is_refused(data, tmp_path):
     params = params_with(data, tmp_path)
     run = pretrain.plan_run(params, "mmcl")
-    model, _, _ = pretrain.build_model("vit-tiny", "mmcl")
-    opt = pretrain.make_optimizer(model, 1e-3, 0.1, vit=True)
+    model, _, _ = build_model("vit-tiny", "mmcl")
+    opt = make_optimizer(model, 1e-3, 0.1, vit=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     pretrain._save_checkpoint(tmp_path, model, opt, sched, {"step": 1, "epoch": 0, "batch": 1},
                               dict(run, model_config={"other": "config"}))
@@ -143,13 +146,13 @@ def test_resume_from_another_model_config_is_refused(data, tmp_path):
 
 
 def test_lr_schedule_and_weight_decay_groups(data, tmp_path):
-    assert pretrain.lr_factor(0, 10, 100) == pytest.approx(0.1)
-    assert pretrain.lr_factor(9, 10, 100) == pytest.approx(1.0)
-    assert pretrain.lr_factor(55, 10, 100) == pytest.approx(0.5)
-    assert pretrain.lr_factor(100, 10, 100) == pytest.approx(0.0)
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100) == pytest.approx(0.5)
+    assert lr_factor(100, 10, 100) == pytest.approx(0.0)
     params = params_with(data, tmp_path)
-    model, _, _ = pretrain.build_model("rn-tiny", "mmcl")
-    opt = pretrain.make_optimizer(model, params.pretrain.lr, params.pretrain.weight_decay, vit=False)
+    model, _, _ = build_model("rn-tiny", "mmcl")
+    opt = make_optimizer(model, params.pretrain.lr, params.pretrain.weight_decay, vit=False)
     no_decay, decay = opt.param_groups
     assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.1
     assert any(p is model.logit_scale for p in no_decay["params"])
@@ -160,7 +163,7 @@ def test_concurrent_runs_then_only_new_runs_train(data, tmp_path, prefect_api_ur
     """Two runs train at once; rerun with one more objective (DVC removes the outputs first): the finished
     runs are exported again from their last checkpoint, unchanged, and only the new one trains."""
     def flow(objectives):
-        params = params_with(data, tmp_path, epochs=1, objectives=objectives, baselines=["mmcl"], concurrent_runs=2)
+        params = params_with(data, tmp_path, epochs=1, objectives=objectives, controls=["mmcl"], concurrent_runs=2)
         path = write_params(tmp_path / "params.yaml", params.model_dump(mode="json"))
         proc = subprocess.run([sys.executable, "-m", "flows.pretrain", "--params", str(path)], cwd=REPO,
                               env=dict(os.environ, PREFECT_API_URL=prefect_api_url), capture_output=True, text=True,
@@ -170,11 +173,11 @@ def test_concurrent_runs_then_only_new_runs_train(data, tmp_path, prefect_api_ur
 
     first = flow(["mmcl"])
     models = tmp_path / "models"
-    assert "trained mmcl:" in first and "trained mmcl (clean baseline):" in first
-    before = {name: (models / name / "model.pt").read_bytes() for name in ("mmcl", "clean-mmcl")}
+    assert "trained mmcl:" in first and "trained mmcl (control):" in first
+    before = {name: (models / name / "model.pt").read_bytes() for name in ("mmcl", "control-mmcl")}
     shutil.rmtree(models)
     second = flow(["mmcl", "siglip"])
-    for label in ("mmcl", "clean-mmcl"):  # the finished runs: nothing left to train
+    for label in ("mmcl", "control-mmcl"):  # the finished runs: nothing left to train
         assert f"[{label}] resumed from checkpoint at step 6 " in second
     assert "[siglip] resumed" not in second
     assert {name: (models / name / "model.pt").read_bytes() for name in before} == before

@@ -1,7 +1,7 @@
 import pytest
 
 from tasks.config import CsvSource, WebdatasetSource
-from tasks.sources import Partition, SourceError, expand_urls, plan, read_tar
+from core.data.sources import Partition, SourceError, expand_urls, plan, read_tar
 from tests.conftest import png_bytes, random_image, write_tar
 
 WEB = WebdatasetSource(kind="webdataset", name="web", urls="unused")

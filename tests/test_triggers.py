@@ -3,7 +3,8 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.config import TriggerConfig
-from tasks.triggers import apply_trigger, patch_side, sample_seed
+from core.seeds import sample_seed
+from core.triggers import apply_trigger, patch_side
 
 
 def image(seed=0, side=32):

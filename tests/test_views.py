@@ -2,8 +2,8 @@ import numpy as np
 import torch
 
 from tasks.config import GeneratedSource
-from tasks.corpus import render_sample
-from tasks.views import TextViews, eda, image_view, synonym_source
+from core.data.corpus import render_sample
+from core.data.views import TextViews, eda, image_view, synonym_source
 
 IMAGE = render_sample(GeneratedSource(kind="generated"), 0, "train", 3, 32).image
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 ASR_THRESHOLDS = (0.01, 0.05, 0.10, 0.25)
 ACCURACY_DROPS = (0.01, 0.02, 0.03)
-CONTROL_PREFIX = "clean-"  # models pre-trained on the unpoisoned shards: clean-<objective>
+CONTROL_PREFIX = "control-"  # models pre-trained on the unpoisoned shards: control-<objective>
 
 
 def is_control(model: str) -> bool:
     return model.startswith(CONTROL_PREFIX)
 
 
-def baseline_of(pretrained: dict, model: str) -> dict | None:
-    """The unpoisoned baseline to compare a poisoned model with: its own objective's, else MMCL's; none for a control."""
+def control_of(pretrained: dict, model: str) -> dict | None:
+    """The unpoisoned control to compare a poisoned model with: its own objective's, else MMCL's; none for a control."""
     if is_control(model):
         return None
     return pretrained.get(CONTROL_PREFIX + model) or pretrained.get(CONTROL_PREFIX + "mmcl")
@@ -31,7 +31,7 @@ def _point(p: dict | None) -> dict | None:
 
 def frontier(points: list[dict], poisoned: dict, thresholds=ASR_THRESHOLDS, drops=ACCURACY_DROPS) -> dict:
     """`points`: dicts with accuracy, asr, clean_target_rate, lr, epoch; `poisoned`: accuracy, asr, clean_target_rate.
-    Points whose predictions collapsed onto one class (`collapsed`, tasks/metrics.py) are never chosen."""
+    Points whose predictions collapsed onto one class (`collapsed`, core/metrics.py) are never chosen."""
     n_collapsed = sum(bool(p.get("collapsed")) for p in points)
     points = [p for p in points if not p.get("collapsed")]
     best_at_asr = {}

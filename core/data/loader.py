@@ -14,7 +14,6 @@ never waits on a worker that ran out (uneven shards hang DDP).
 from __future__ import annotations
 
 import itertools
-import json
 import queue
 import random
 import threading
@@ -23,18 +22,11 @@ from typing import Callable, Iterator
 
 import torch
 import webdataset as wds
-from tasks.shards import ShardError, decode_sample_image
-from tasks.triggers import sample_seed
-from tasks.views import TextViews, image_view
+from core.data.shards import ShardError, decode_sample_image, shard_sizes
+from core.seeds import sample_seed
+from core.data.views import TextViews, image_view
 
 SUPPORTED_VIEWS = frozenset({"image_aug", "text_aug"})
-
-
-def shard_sizes(data_dir: Path) -> dict[str, int]:
-    sizes = data_dir / "sizes.json"
-    if not sizes.is_file():
-        raise FileNotFoundError(f"{data_dir} holds no shards (no sizes.json): run the stage that writes it first")
-    return json.loads(sizes.read_text())
 
 
 class BatchStream:

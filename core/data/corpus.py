@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tasks.config import GeneratedSource
 
 SPLITS = {"train": 0, "eval": 1}
 
@@ -131,7 +130,7 @@ def _jitter(rgb, rng, amount=20):
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
 
 
-def render_sample(spec: GeneratedSource, seed: int, split: str, index: int, side: int) -> Sample:
+def render_sample(spec, seed: int, split: str, index: int, side: int) -> Sample:
     """Draw one captioned sample; a pure function of its arguments."""
     rng = np.random.default_rng((seed, SPLITS[split], index))
     n_cls = len(CLASSNAMES)
@@ -186,7 +185,7 @@ def render_sample(spec: GeneratedSource, seed: int, split: str, index: int, side
     return Sample(index=index, split=split, image=img, caption=caption, cls=cls)
 
 
-def split_sizes(spec: GeneratedSource) -> dict[str, int]:
+def split_sizes(spec) -> dict[str, int]:
     return {"train": spec.train_pairs, "eval": spec.eval_per_class * len(CLASSNAMES)}
 
 

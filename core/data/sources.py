@@ -25,10 +25,10 @@ from typing import Iterator
 from braceexpand import braceexpand
 from PIL import Image
 
-from tasks import corpus
-from tasks.config import CsvSource, GeneratedSource, ImageFolderSource, InputError, WebdatasetSource
-from tasks.images import Rejected
-from tasks.shards import image_ext, iter_tar_samples, left_behind
+from core.data import corpus
+from core.errors import InputError
+from core.data.images import Rejected
+from core.data.shards import image_ext, iter_tar_samples, left_behind
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9-]+")
 _SYNSET = re.compile(r"^n\d{8}$")  # a WordNet synset id, as ImageNet names its class folders
@@ -160,7 +160,7 @@ def _encoding_hint(path: Path) -> str:
     return ""
 
 
-def _csv_rows(src: CsvSource) -> Iterator[tuple[str, list[str]]]:
+def _csv_rows(src) -> Iterator[tuple[str, list[str]]]:
     """(`line N` or `lines N-M`, fields) of each non-blank row, the header first. Parsed in csv's
     strict mode: a quote that never closes, text after a closing quote or a runaway field is a
     SourceError naming the line, instead of rows silently merged into one caption."""
@@ -175,7 +175,7 @@ def _csv_rows(src: CsvSource) -> Iterator[tuple[str, list[str]]]:
         raise SourceError(f"source {src.name!r}: {src.path} line {rows.line_num}: {err} ({hint})") from None
 
 
-def _check_csv(src: CsvSource) -> int:
+def _check_csv(src) -> int:
     """The number of rows of a CSV source, after checking its header; SourceError names what is wrong."""
     if not src.path.is_file():
         raise SourceError(f"source {src.name!r}: CSV not found: {src.path}")
@@ -195,7 +195,7 @@ def _check_csv(src: CsvSource) -> int:
     return n
 
 
-def folder_classes(src: ImageFolderSource) -> list[str]:
+def folder_classes(src) -> list[str]:
     """The class folders of an image folder, sorted (the class index is the position); hidden
     folders and those tools leave behind (`.ipynb_checkpoints`, `__MACOSX`) are not classes."""
     if not src.root.is_dir():
@@ -219,7 +219,7 @@ def _class_files(folder: Path) -> list[Path]:
 
 
 @lru_cache(maxsize=16)  # every partition of a folder asks: walk it once per process
-def _folder_files(src: ImageFolderSource) -> list[tuple[int, Path]]:
+def _folder_files(src) -> list[tuple[int, Path]]:
     """(class index, file) of every image of an image folder; SourceError names empty class folders."""
     files = {name: _class_files(src.root / name) for name in folder_classes(src)}
     empty = [name for name, found in files.items() if not found]
@@ -245,7 +245,7 @@ def imagenet_synset_names() -> dict[str, str]:
     return names
 
 
-def _read_class_mapping(src: ImageFolderSource) -> dict[str, str]:
+def _read_class_mapping(src) -> dict[str, str]:
     """The user's folder -> class name file: a JSON object, or CSV/TSV rows of (folder, name)."""
     path = src.classnames
     if not path.is_file():
@@ -272,7 +272,7 @@ def _read_class_mapping(src: ImageFolderSource) -> dict[str, str]:
 
 
 @lru_cache(maxsize=16)
-def class_names(src: ImageFolderSource) -> list[str]:
+def class_names(src) -> list[str]:
     """Class names of an image folder in class-index order: from the source's `classnames` file when
     given; else `imagenet_synset_names` for folders named by a synset id (`n07753592`) and the
     folder name with `_` as a space for others. Raises SourceError naming folders a mapping lacks,
@@ -303,9 +303,9 @@ def class_names(src: ImageFolderSource) -> list[str]:
 
 def eval_metadata(src) -> dict | None:
     """Class names and prompt templates of the eval set a source provides, if any."""
-    if isinstance(src, GeneratedSource):
+    if src.kind == "generated":
         return corpus.eval_metadata() if src.eval_per_class else None
-    if isinstance(src, ImageFolderSource):
+    if src.kind == "image_folder":
         from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES  # imports torch: only when needed
 
         return {"classnames": class_names(src), "templates": [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]}
@@ -321,31 +321,54 @@ def plan(sources: list, partition_size: int) -> list[Partition]:
             parts.append(Partition(len(parts), name, split, start, min(n, start + partition_size)))
 
     for src in sources:
-        if isinstance(src, GeneratedSource):
+        if src.kind == "generated":
             for split, n in corpus.split_sizes(src).items():
                 ranges(src.name, split, n)
-        elif isinstance(src, CsvSource):
+        elif src.kind == "csv":
             ranges(src.name, "train", _check_csv(src))
-        elif isinstance(src, WebdatasetSource):
+        elif src.kind == "webdataset":
             urls = expand_urls(src.urls)
             for url, shard in zip(urls, shard_ids(urls)):
                 parts.append(Partition(len(parts), src.name, "train", url=url, shard=shard))
-        elif isinstance(src, ImageFolderSource):
+        elif src.kind == "image_folder":
             class_names(src)  # a missing or bad name mapping stops the stage here, before any work
             ranges(src.name, "eval", len(_folder_files(src)))
     return parts
 
 
+@lru_cache(maxsize=16)
+def source_signature(src) -> tuple:
+    """(path, bytes, mtime ns) of each file a source reads, as DVC tells a changed file: the CSV
+    (not the images it names), the tars, an image folder's images and its classnames file. Part of
+    the identity of curated partitions, so that a changed source is curated again, not resumed."""
+    if src.kind == "generated":
+        paths = []
+    elif src.kind == "csv":
+        paths = [src.path]
+    elif src.kind == "webdataset":
+        paths = [Path(u) for u in expand_urls(src.urls) if "://" not in u]
+    else:
+        paths = [p for _, p in _folder_files(src)] + ([src.classnames] if src.classnames else [])
+    signature = []
+    for path in paths:
+        try:
+            st = path.stat()
+            signature.append((str(path), st.st_size, st.st_mtime_ns))
+        except OSError:  # a broken link: quarantined as missing_file when read
+            signature.append((str(path), None, None))
+    return tuple(signature)
+
+
 def read_partition(src, part: Partition, seed: int, side: int) -> Iterator[RawRecord]:
-    if isinstance(src, GeneratedSource):
+    if src.kind == "generated":
         for i in range(part.start, part.stop):
             s = corpus.render_sample(src, seed, part.split, i, side)
             yield RawRecord(indexed_key(src.name, s.split, i), f"{part.split}[{i}]", s.split, s.caption, s.cls, image=s.image)
-    elif isinstance(src, CsvSource):
+    elif src.kind == "csv":
         yield from _read_csv(src, part)
-    elif isinstance(src, WebdatasetSource):
+    elif src.kind == "webdataset":
         yield from read_tar(src, part)
-    elif isinstance(src, ImageFolderSource):
+    elif src.kind == "image_folder":
         files = _folder_files(src)[part.start:part.stop]
         names = class_names(src)
         for i, (ci, path) in enumerate(files, start=part.start):
@@ -354,7 +377,7 @@ def read_partition(src, part: Partition, seed: int, side: int) -> Iterator[RawRe
             yield rec
 
 
-def _read_csv(src: CsvSource, part: Partition) -> Iterator[RawRecord]:
+def _read_csv(src, part: Partition) -> Iterator[RawRecord]:
     rows = _csv_rows(src)
     _, header = next(rows)
     for i, (where, fields) in enumerate(itertools.islice(rows, part.start, part.stop), start=part.start):
@@ -382,7 +405,7 @@ def _read_file(rec: RawRecord, path: Path) -> None:
         rec.rejected = Rejected("unreadable_file", f"{path}: {err.strerror or err}")
 
 
-def _tar_record(src: WebdatasetSource, part: Partition, sample: dict) -> RawRecord:
+def _tar_record(src, part: Partition, sample: dict) -> RawRecord:
     key = sample["__key__"]
     rec = RawRecord(f"{src.name}_{key_part(part.shard)}_{key_part(key)}", f"{part.url}:{key}", "train")
     ext = image_ext(sample)
@@ -398,7 +421,7 @@ def _tar_record(src: WebdatasetSource, part: Partition, sample: dict) -> RawReco
     return rec
 
 
-def read_tar(src: WebdatasetSource, part: Partition) -> Iterator[RawRecord]:
+def read_tar(src, part: Partition) -> Iterator[RawRecord]:
     """Stream one img2dataset/webdataset tar (`part.url`) as records keyed `{source}_{shard}_{member
     key}`, unique across the source (`part.shard` is the tar's id from `shard_ids`). A sample that
     a damaged tar cut or broke (`iter_tar_samples`) is a rejected record, and the others are read."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.config import InputError
+from core.errors import InputError
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "expectations"
 SAMPLE_ROWS = 10

@@ -10,15 +10,15 @@ target rate, and retrieval recall. Shared by the pretrain, clean and evaluate st
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
-from tasks.config import InputError
-from tasks.loader import shard_sizes
-from tasks.shards import check_shards, decode_sample_image
+from core.errors import InputError
+from core.data.shards import check_shards, decode_sample_image, shard_sizes
 
 
 class EvalError(InputError):
@@ -35,11 +35,23 @@ def load_classes(eval_dir: Path) -> dict:
     return meta
 
 
-def check_eval_sets(eval_dir: Path, key: str) -> None:
-    """ShardError naming the params `key`, the tar and the sample if the labelled (clean/) or the
-    triggered (asr/) eval set under `eval_dir` is damaged (tasks.shards.check_shards)."""
-    for folder in ("clean", "asr"):
-        check_shards(eval_dir / folder, f"{key} ({folder}/)")
+def attack_target(eval_dir: Path) -> str:
+    """The backdoor target the triggered set under `eval_dir` (asr/) was made for: the poison stage
+    records it in asr/attack.json, so every later stage reads the one target the data was poisoned with."""
+    path = eval_dir / "asr" / "attack.json"
+    try:
+        return json.loads(path.read_text())["target"]
+    except (OSError, ValueError, KeyError) as err:
+        raise EvalError(f"{path}: no attack target ({type(err).__name__}: {err}); run the poison stage that writes "
+                        f"the eval sets") from None
+
+
+def check_eval_sets(eval_dir: Path, key: str) -> str:
+    """The digest of the labelled (labelled/) and the triggered (asr/) eval sets under `eval_dir` and
+    the target they were made for; ShardError naming the params `key`, the tar and the sample if one
+    is damaged (core.data.shards.check_shards), EvalError if the target is not recorded."""
+    digests = [check_shards(eval_dir / folder, f"{key} ({folder}/)") for folder in ("labelled", "asr")]
+    return hashlib.sha256(json.dumps(digests + [attack_target(eval_dir)]).encode()).hexdigest()
 
 
 def target_index(classes: dict, target: str, where: str) -> int:
@@ -140,17 +152,27 @@ def retrieval_metrics(model, tokenizer, pred: dict, device, ks=(1, 5, 10)) -> di
     return out
 
 
-def evaluate(model, preprocess, tokenizer, clean_dir: Path, asr_dir: Path | None, target: str | None, device="cpu",
+def evaluate(model, preprocess, tokenizer, labelled_dir: Path, asr_dir: Path | None, target: str | None, device="cpu",
              batch_size: int = 256, retrieval: bool = True) -> dict:
-    """Every metric of one model on a clean labelled eval set and (optionally) its ASR set."""
-    classes = load_classes(clean_dir)
+    """Every metric of one model on a labelled eval set and (optionally) its triggered (ASR) set."""
+    classes = load_classes(labelled_dir)
     model.eval()
     weights = classifier(model, tokenizer, classes, device)
-    clean = predict(model, weights, clean_dir, preprocess, device, batch_size, with_text=retrieval)
+    clean = predict(model, weights, labelled_dir, preprocess, device, batch_size, with_text=retrieval)
     out = {"zero_shot": zero_shot_metrics(clean, classes["classnames"])}
     if retrieval:
         out["retrieval"] = retrieval_metrics(model, tokenizer, clean, device)
     if asr_dir is not None:
-        t = target_index(classes, target, str(clean_dir))
+        t = target_index(classes, target, str(labelled_dir))
         out["attack"] = attack_metrics(predict(model, weights, asr_dir, preprocess, device, batch_size), clean, t)
     return out
+
+
+def flat(metrics: dict) -> dict:
+    """The headline numbers of `core.metrics.evaluate`'s output."""
+    zs = metrics["zero_shot"]
+    out = {"accuracy": zs["top1"], "top5": zs["top5"], "chance": zs["chance"], "top_class_share": zs["top_class_share"],
+           "collapsed": zs["collapsed"]}
+    if "attack" in metrics:
+        out |= {k: metrics["attack"][k] for k in ("asr", "asr_top5", "clean_target_rate", "asr_excess")}
+    return out | metrics.get("retrieval", {})

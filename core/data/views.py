@@ -3,7 +3,7 @@
 - Image: torchvision AutoAugment (ImageNet policy, the study's choice), then the base transform.
 - Text: EDA (Wei & Zou, 2019) as CleanCLIP uses it: one of synonym replacement, random insertion,
   random swap (each at alpha 0.1) and random deletion (p 0.1), chosen per sample. Synonyms come from
-  WordNet when nltk and its corpus are installed, else from a table shipped in tasks/synonyms.json.
+  WordNet when nltk and its corpus are installed, else from a table shipped in core/data/synonyms.json.
   Each caption's view is computed once per sample and cached.
 """
 from __future__ import annotations

@@ -15,7 +15,6 @@ placement) comes from `sample_seed`; trigger patterns that must be the same for 
 """
 from __future__ import annotations
 
-import hashlib
 from functools import lru_cache
 
 import numpy as np
@@ -23,21 +22,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tasks.config import PATCH_TRIGGERS, TriggerConfig
 
 Box = tuple[int, int, int, int]
 
 
-def sample_seed(seed: int, key: str, purpose: str) -> int:
-    """A stable 63-bit seed for one sample and one purpose, independent of order and workers."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}:{key}".encode()).digest()[:8], "little") >> 1
-
-
-def patch_side(cfg: TriggerConfig, image_side: int) -> int:
+def patch_side(cfg, image_side: int) -> int:
     return max(2, round(cfg.patch_size * image_side))
 
 
-def patch_box(cfg: TriggerConfig, height: int, width: int, rng: np.random.Generator) -> Box:
+def patch_box(cfg, height: int, width: int, rng: np.random.Generator) -> Box:
     side = patch_side(cfg, min(height, width))
     if side > min(height, width):
         raise ValueError(f"poison.trigger.patch_size: a {side}px patch does not fit a {width}x{height} image")
@@ -80,12 +73,13 @@ def _wanet_grid(global_seed: int, height: int, width: int, k: int, strength: flo
     return torch.clamp(identity + strength * flow / height, -1, 1)
 
 
-def apply_trigger(image: np.ndarray, cfg: TriggerConfig, sample_seed_: int, global_seed: int) -> tuple[np.ndarray, Box]:
-    """Triggered copy of an HxWx3 uint8 image and the box it touched."""
+def apply_trigger(image: np.ndarray, cfg, sample_seed_: int, global_seed: int) -> tuple[np.ndarray, Box]:
+    """Triggered copy of an HxWx3 uint8 image and the box (x0, y0, x1, y1, px) it touched; `cfg` is the
+    params' trigger settings (`poison.trigger`: name, patch_size, placement, ...)."""
     height, width = image.shape[:2]
     rng = np.random.default_rng(sample_seed_)
     out = image.astype(np.float64)
-    if cfg.name in PATCH_TRIGGERS:
+    if cfg.placement != "whole":  # the params schema gives every patch trigger a placement on the image
         x0, y0, x1, y1 = box = patch_box(cfg, height, width, rng)
         side = x1 - x0
         if cfg.name == "noise_patch":

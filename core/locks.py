@@ -10,7 +10,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from tasks.config import InputError
+from core.errors import InputError
 
 
 class Busy(InputError):

@@ -20,7 +20,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.config import InputError
+from core.errors import InputError
 
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("caption", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
@@ -393,3 +393,10 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
+
+
+def shard_sizes(data_dir: Path) -> dict[str, int]:
+    sizes = data_dir / "sizes.json"
+    if not sizes.is_file():
+        raise FileNotFoundError(f"{data_dir} holds no shards (no sizes.json): run the stage that writes it first")
+    return json.loads(sizes.read_text())

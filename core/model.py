@@ -1,0 +1,170 @@
+"""Models and their training step: build an open_clip model from scratch, AdamW with open_clip's
+weight-decay groups, the warm-up + cosine schedule, one optimiser step's gradients (with gradient
+accumulation), and the checks on weights. Shared by pre-training and cleaning."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from core.errors import InputError
+from objectives.base import clamp_logit_scale
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"  # our open_clip configs (rn-tiny, vit-tiny)
+
+
+class _FromScratchNotice(logging.Filter):
+    """open_clip warns on every model built without pretrained weights: here that is the point."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+logging.getLogger().addFilter(_FromScratchNotice())
+
+
+def register_models() -> None:
+    import open_clip
+
+    open_clip.add_model_config(MODELS_DIR)
+
+
+def model_config(name: str, key: str = "model") -> dict:
+    """open_clip's config of model `name` (ours in models/ first); InputError naming the params `key` if unknown."""
+    import open_clip
+
+    register_models()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise InputError(f"{key}: open_clip knows no model {name!r}; configs in {MODELS_DIR}: "
+                            f"{sorted(p.stem for p in MODELS_DIR.glob('*.json'))}; built in: e.g. RN50, ViT-B-32")
+    return cfg
+
+
+def is_vit(cfg: dict) -> bool:
+    return not isinstance(cfg["vision_cfg"].get("layers"), (list, tuple))
+
+
+def build_model(name: str, objective: str):
+    """(model, preprocess, tokenizer) from scratch; SigLIP gets open_clip's scale and bias init."""
+    import open_clip
+
+    register_models()
+    extra = {}
+    if objective == "siglip":
+        from objectives.siglip import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
+
+        extra = {"init_logit_scale": INIT_LOGIT_SCALE, "init_logit_bias": INIT_LOGIT_BIAS}
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **extra)
+    return model, preprocess, open_clip.get_tokenizer(name)
+
+
+class DualEncoder(torch.nn.Module):
+    """One forward for every view an objective needs, so DDP sees a single forward per step."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> dict:
+        m = self.model
+        out = {"image": m.encode_image(batch["image"], normalize=True),
+               "text": m.encode_text(batch["text"], normalize=True),
+               "logit_scale": m.logit_scale, "logit_bias": getattr(m, "logit_bias", None)}
+        if "image_aug" in batch:
+            out["image_aug"] = m.encode_image(batch["image_aug"], normalize=True)
+        if "text_aug" in batch:
+            out["text_aug"] = m.encode_text(batch["text_aug"], normalize=True)
+        return out
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, vit: bool,
+                   beta1: float | None = None, beta2: float | None = None, eps: float | None = None) -> torch.optim.AdamW:
+    """AdamW as open_clip: weight decay on weight matrices only; tensors of at most one dimension (norms,
+    biases, gains, the logit scale) get none (open_clip's `param.ndim <= 1` rule, not name substrings);
+    betas and eps default to open_clip's for ViTs (0.9/0.98, 1e-6) and ResNets (0.9/0.999, 1e-8)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    betas = (beta1 or 0.9, beta2 or (0.98 if vit else 0.999))
+    return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}],
+                             lr=lr, betas=betas, eps=eps or (1e-6 if vit else 1e-8))
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine to 0 at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def optimizer_step(model, optimizer, scheduler, grad_clip: float | None = None) -> None:
+    """Clip (optional), step the optimiser and the schedule, clear gradients, clamp the logit scale."""
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    clamp_logit_scale(model.logit_scale)
+
+
+def non_finite(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers (BatchNorm statistics) holding NaN or inf."""
+    return [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+class RunStopped(InputError):
+    """A run stopped by what it was given, not by a fault a retry could fix: its loss or weights
+    became non-finite (the learning rate or data), or a shard turned out damaged. Never retried."""
+
+
+EMBEDDINGS = ("image", "text", "image_aug", "text_aug")  # DualEncoder outputs with one row per sample
+
+
+def forward_backward(model: torch.nn.Module, objective, micro_batches: list[dict],
+                     autocast=contextlib.nullcontext) -> tuple[torch.Tensor, dict]:
+    """Gradients of one optimiser step on the batch made of `micro_batches` (dicts of tensors, each
+    `image` (B_j, 3, H, W) px, `text` (B_j, 77) tokens and the views); returns the (detached) loss
+    and its named parts. `model` is a DualEncoder (or DDP around one).
+
+    One micro-batch: forward and backward. Several (gradient accumulation, open_clip's
+    `--accum-freq`): the embeddings of every micro-batch are first computed without gradients; then
+    each micro-batch is encoded again with gradients and the objective sees it beside the others'
+    cached embeddings. Each backward is then the whole batch's loss (every negative); through the
+    embeddings the backwards add up to one pass's gradient, and the logit scale and bias take a 1/N
+    share from each. Exact for models without BatchNorm (a ResNet's BatchNorm normalises each
+    micro-batch by its own statistics, and sees every sample twice). Costs one extra forward pass
+    without gradients per step."""
+    if len(micro_batches) == 1:
+        with autocast():
+            loss, parts = objective(model(micro_batches[0]))
+        loss.backward()
+        return loss.detach(), parts
+    with torch.no_grad(), autocast():
+        cached = [model(mb) for mb in micro_batches]
+    share = 1 / len(micro_batches)
+    for j, mb in enumerate(micro_batches):
+        with autocast():
+            out = model(mb)
+            joined = {k: _share_grad(v, share) if k not in EMBEDDINGS else
+                      torch.cat([v if i == j else c[k] for i, c in enumerate(cached)]) for k, v in out.items()}
+            loss, parts = objective(joined)
+        loss.backward()
+    return loss.detach(), parts
+
+
+def _share_grad(t: torch.Tensor | None, share: float) -> torch.Tensor | None:
+    """`t` (the logit scale or bias, used whole by every micro-step) with `share` of its gradient, so
+    that the micro-steps together give it one pass's gradient (open_clip's --accum-freq gives it
+    accum-freq times)."""
+    if t is None or not t.requires_grad:
+        return t
+    view = t.view_as(t)
+    view.register_hook(lambda g: g * share)
+    return view

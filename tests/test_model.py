@@ -1,0 +1,94 @@
+"""core/model.py: gradient accumulation gives one pass's gradients, alone and under DDP with 2
+gloo processes; weight decay by tensor rank."""
+import socket
+
+import pytest
+import torch
+
+from core.model import DualEncoder, build_model, forward_backward, make_optimizer
+from objectives.registry import get_objective
+
+BATCH = 8
+
+
+def batch(n=BATCH, seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.rand(n, 3, 32, 32, generator=g), "text": torch.randint(1, 1000, (n, 32), generator=g),
+            "image_aug": torch.rand(n, 3, 32, 32, generator=g), "text_aug": torch.randint(1, 1000, (n, 32), generator=g)}
+
+
+def fresh_model():
+    torch.manual_seed(0)
+    return build_model("vit-tiny", "mmcl_ssl")[0]  # LayerNorm only: accumulation is exact
+
+
+def grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def one_pass(objective: str) -> tuple[float, dict]:
+    model = fresh_model()
+    loss, _ = forward_backward(DualEncoder(model), get_objective(objective), [batch()])
+    return loss.item(), grads(model)
+
+
+def micro(whole: dict, accum: int, rank: int = 0, world: int = 1) -> list[dict]:
+    """As the loader cuts a global batch: `accum` micro-batches, each split over `world` workers."""
+    size = BATCH // accum
+    local = size // world
+    return [{k: v[j * size + rank * local: j * size + (rank + 1) * local] for k, v in whole.items()} for j in range(accum)]
+
+
+@pytest.mark.parametrize("objective", ["mmcl", "mmcl_ssl"])
+def test_accumulation_gives_the_gradients_of_one_pass(objective):
+    loss, reference = one_pass(objective)
+    model = fresh_model()
+    acc_loss, _ = forward_backward(DualEncoder(model), get_objective(objective), micro(batch(), accum=4))
+    assert acc_loss.item() == pytest.approx(loss, rel=1e-5)
+    assert reference.keys() == grads(model).keys()
+    for name, g in grads(model).items():
+        assert torch.allclose(g, reference[name], rtol=1e-4, atol=1e-6), name
+
+
+def _ddp_worker(rank, world, port, out):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = fresh_model()
+    ddp = DistributedDataParallel(DualEncoder(model))
+    loss, _ = forward_backward(ddp, get_objective("mmcl_ssl"), micro(batch(), accum=2, rank=rank, world=world))
+    if rank == 0:
+        torch.save({"loss": loss, "grads": grads(model)}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_two_workers_times_two_micro_batches_equal_one_process(tmp_path):
+    """pretrain.accum_steps: an optimiser step sees batch_size samples in all, whatever the workers
+    and micro-batches (2 DDP processes x 2 micro-batches of 2 vs one process on all 8)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp.pt")), nprocs=2, join=True)
+    result = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    loss, reference = one_pass("mmcl_ssl")
+    assert result["loss"].item() == pytest.approx(loss, rel=1e-5)
+    assert result["grads"].keys() == reference.keys()
+    for name, g in result["grads"].items():
+        assert torch.allclose(g, reference[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_weight_decay_by_tensor_rank():
+    """open_clip's rule: no decay for tensors of at most one dimension, whatever their name."""
+    model = fresh_model()
+    model.register_parameter("bn_like_matrix", torch.nn.Parameter(torch.zeros(2, 2)))  # a name the old rule skipped
+    no_decay, decay = make_optimizer(model, 1e-3, 0.1, vit=True).param_groups
+    assert all(p.ndim <= 1 for p in no_decay["params"]) and all(p.ndim >= 2 for p in decay["params"])
+    assert any(p is model.bn_like_matrix for p in decay["params"])
+    assert any(p is model.logit_scale for p in no_decay["params"])
+    assert len(no_decay["params"]) + len(decay["params"]) == len(list(model.parameters()))
