@@ -147,7 +147,7 @@ def test_frontier_on_hand_written_sweep():
 
 def test_report_renders_table_figures_and_verdict(tmp_path):
     raw = tiny_params(tmp_path, [])
-    raw["evaluate"] = {"target": "banana", "models_dir": str(tmp_path / "models"), "report_dir": str(tmp_path / "reports")}
+    raw["evaluate"] = {"models_dir": str(tmp_path / "models"), "report_dir": str(tmp_path / "reports")}
     params = parse_params(raw)
     (tmp_path / "models" / "mmcl").mkdir(parents=True)
     (tmp_path / "models" / "mmcl" / "train_log.jsonl").write_text("".join(

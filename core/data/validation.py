@@ -16,7 +16,7 @@ import pandas as pd
 
 from core.errors import InputError
 
-SUITES_DIR = Path(__file__).resolve().parent.parent / "expectations"
+SUITES_DIR = Path(__file__).resolve().parents[2] / "expectations"  # the repo's suites (JSON)
 SAMPLE_ROWS = 10
 
 
