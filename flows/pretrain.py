@@ -3,7 +3,7 @@
     python -m flows.pretrain [--params params.yaml] [--objective NAME] [--control]
 
 With no --objective it trains every `pretrain.objectives` on the poisoned shards and every
-`pretrain.controls` on the clean ones, `pretrain.concurrent_runs` at a time (each run is its own
+`pretrain.controls` on the unpoisoned ones, `pretrain.concurrent_runs` at a time (each run is its own
 Ray Train trainer with `pretrain.num_workers` workers). RAY_ADDRESS joins an existing Ray cluster.
 A finished run is kept in `pretrain.storage_dir`: rerun with a longer list, and only new runs train.
 """
@@ -46,7 +46,7 @@ def runs_from(params: Params, objective: str | None, control: bool) -> list[tupl
 if __name__ == "__main__":
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--objective")
-    extra.add_argument("--control", action="store_true", help="train on the clean (curated) shards")
+    extra.add_argument("--control", action="store_true", help="train a control: on the unpoisoned (curated) shards")
     args, rest = extra.parse_known_args()
     params = params_from_argv(__doc__, rest, "pretrain")
     runs = runs_from(params, args.objective, args.control)

@@ -269,7 +269,7 @@ class PretrainConfig(Section):
     RUNS = frozenset({"objectives", "controls", "weights"})
 
     data_dir: Path = Path("data/poisoned/train")  # the (poisoned) training shards
-    control_data_dir: Path = Path("data/curated/train")  # the clean shards, for unpoisoned controls
+    control_data_dir: Path = Path("data/curated/train")  # the unpoisoned shards, for the controls
     out_dir: Path = Path("data/models/pretrain")  # <objective>/ and control-<objective>/ per run
     storage_dir: str = "data/staging/pretrain"  # Ray Train run storage (checkpoints, resume); shared path on a cluster
     objectives: Annotated[list[str], Field(min_length=1)] = ["mmcl", "mmcl_ssl"]

@@ -187,3 +187,24 @@ def test_a_target_that_is_no_class_fails_the_preflight_check(setup, tmp_path, pr
     with pytest.raises(clean.CleanError, match=r"^clean.eval_dir: target 'durian' is not a class of .*; classes: \["):
         flow(params, [("mmcl", "cleanclip")])
     assert not clean.cell_dir(params, "mmcl", "cleanclip").exists()  # no run started
+
+
+def test_a_finished_run_is_reused_only_for_the_same_computation(setup, tmp_path):
+    """clean_run's identity: what the run computes (settings, data, model, lr), not how it runs. By hand
+    (outside DVC) a changed clean.epochs trains again; a changed runner or eval batch size reuses the run."""
+    params = clean_params(setup, tmp_path, epochs=1, lrs=[1e-3])
+    first = clean.clean_run(params, "mmcl", "cleanclip", 1e-3)
+    done = clean.run_dir(params, "mmcl", "cleanclip", 1e-3) / "epochs.json"
+    stamp = done.stat().st_mtime_ns
+    for how in ({"runner": {"kind": "thread", "workers": 1}}, {"eval_batch_size": 5, "threads_per_run": 2},
+                {"lrs": [1e-3, 5e-3], "models": ["mmcl", "mmcl_ssl"]}):
+        assert clean.clean_run(clean_params(setup, tmp_path, epochs=1, **how), "mmcl", "cleanclip", 1e-3) == first
+    assert done.stat().st_mtime_ns == stamp
+    again = clean.clean_run(clean_params(setup, tmp_path, epochs=2, lrs=[1e-3]), "mmcl", "cleanclip", 1e-3)
+    assert again["run_id"] != first["run_id"] and [p["epoch"] for p in again["points"]] == [0, 1, 2]
+    other = clean_params(setup, tmp_path, epochs=1, lrs=[1e-3], defence_options={"cleanclip": {"ssl": 2.0}})
+    assert clean.run_identity(other, "mmcl", "cleanclip", 1e-3) != first["run_id"]
+    moved = tmp_path / "eval"  # the same eval sets elsewhere: the same computation
+    shutil.copytree(setup[0] / "data" / "poisoned" / "eval", moved)
+    assert clean.run_identity(clean_params(setup, tmp_path, epochs=1, eval_dir=str(moved)), "mmcl", "cleanclip",
+                              1e-3) == first["run_id"]

@@ -34,6 +34,7 @@ def test_dvc_repro_noop_and_byte_identical(tmp_path, prefect_api_url):
                         "runner": {"kind": "thread", "workers": 2}}
     # dvc.yaml's clean matrix reads these lists from params.yaml; this test runs curate and poison only
     params["clean"] = {"models": ["mmcl"], "defences": ["cleanclip"]}
+    params["pretrain"] = params["evaluate"] = {}  # dvc.yaml reads every stage's folders from params.yaml
     write_params(repo / "params.yaml", params)
     env = dict(os.environ, PREFECT_API_URL=prefect_api_url,
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")

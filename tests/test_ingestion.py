@@ -729,3 +729,20 @@ def test_paths_that_are_not_what_they_should_be(tmp_path):
                          out_dir=str(tmp_path / "afile" / "curated"))
     with pytest.raises(CurateError, match=r"curate\.out_dir: cannot create .*afile: (File exists|Not a directory)"):
         curate.plan_partitions(params)
+
+
+def test_curated_partitions_resume_only_for_the_same_sources_and_settings(tmp_path):
+    """The staging area (the curated partitions' identity) follows what changes samples: settings,
+    seed and the sources' files, not the runner or validation thresholds."""
+    write_csv_images(tmp_path)
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("image,caption\n0.png,a red square\n1.png,a blue circle\n")
+    raw = tiny_params(tmp_path, [{"kind": "csv", "name": "mine", "path": str(csv)}])
+    stage = curate.staging_dir(parse_params(raw))
+    for how in ({"runner": {"kind": "process", "workers": 1}}, {"validation": {"sha256_unique_mostly": 0.5}}):
+        assert curate.staging_dir(parse_params(raw | {"curate": raw["curate"] | how})) == stage
+    assert curate.staging_dir(parse_params(raw | {"curate": raw["curate"] | {"image_size": 24}})) != stage
+    assert curate.staging_dir(parse_params(raw | {"seed": 8})) != stage
+    csv.write_text("image,caption\n0.png,a red square\n1.png,a green circle\n")  # the user's file changed
+    curate.source_signature.cache_clear()
+    assert curate.staging_dir(parse_params(raw)) != stage

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from tasks.config import load_params
 from tests.conftest import REPO, complete_checkpoints, copy_project, tiny_params, write_params
@@ -88,6 +89,22 @@ def test_pipeline_end_to_end_then_up_to_date(reference, env):
         assert (repo / path).is_file(), path
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout
     assert "up to date" in status, status
+
+    # How the work runs is no reason to rerun it: workers, runners, threads, logging, batch sizes of inference
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["curate"]["runner"]["workers"] = params["poison"]["runner"]["workers"] = 3
+    params["pretrain"] |= {"num_workers": 2, "log_every": 1, "checkpoint_every": 7, "concurrent_runs": 1}
+    params["clean"] |= {"runner": {"kind": "process", "workers": 2}, "eval_batch_size": 7}
+    params["evaluate"]["batch_size"] = 9
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout
+    assert "Data and pipelines are up to date" in status, status
+    params["poison"]["target"] = "heart"  # what the poison stage computes: it and everything after it
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout
+    assert "poison:" in status and "curate:" not in status, status
+    (repo / "params.yaml").write_text(original)
 
     assert stage_status(run_pipeline(repo, env)) == dict.fromkeys(STAGES, "up to date")
 
