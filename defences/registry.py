@@ -1,6 +1,7 @@
 """Defence names (defences/__init__.py) to their implementations: `get_defence(name, **options)`."""
 from __future__ import annotations
 
+from core.registry import build
 from defences import OPTIONS
 from defences.base import Defence
 from defences.finetune import cleanclip, mmcl, ssl
@@ -12,12 +13,4 @@ REGISTRY = {"cleanclip": cleanclip, "mmcl": mmcl, "ssl": ssl, "shrink_perturb": 
 def get_defence(name: str, **options: float) -> Defence:
     """The defence `name` with its default options (defences.OPTIONS) updated by `options`.
     Raises KeyError for an unknown name and TypeError for an option it does not take."""
-    if name not in REGISTRY:
-        raise KeyError(f"unknown defence {name!r}; known defences: {sorted(REGISTRY)}")
-    defaults = OPTIONS.get(name, {})
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise TypeError(f"defence {name!r} takes options {defaults or 'none'}; unknown: {unknown}")
-    defence = REGISTRY[name](**(defaults | options))
-    defence.name = name
-    return defence
+    return build("defence", REGISTRY, OPTIONS, name, options)
