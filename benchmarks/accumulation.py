@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 def one_setting(model_name: str, batch: int, accum: int, steps: int) -> dict:
     import torch
 
-    from core.model import DualEncoder, build_model, forward_backward, make_optimizer
+    from core.model import DualEncoder, build_model, forward_backward, is_vit, make_optimizer, model_config
     from objectives.registry import get_objective
 
     torch.manual_seed(0)
@@ -33,7 +33,7 @@ def one_setting(model_name: str, batch: int, accum: int, steps: int) -> dict:
              "text_aug": torch.randint(1, 1000, (batch, 77), generator=g)}
     micro = [{k: v[j * batch // accum:(j + 1) * batch // accum] for k, v in whole.items()} for j in range(accum)]
     wrapper, objective = DualEncoder(model), get_objective("mmcl_ssl")
-    optimizer = make_optimizer(model, 1e-3, 0.1, vit=False)
+    optimizer = make_optimizer(model, 1e-3, 0.1, vit=is_vit(model_config(model_name)))
     forward_backward(wrapper, objective, micro)  # warm-up
     optimizer.zero_grad()
     start = time.perf_counter()

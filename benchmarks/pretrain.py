@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from core.model import DualEncoder, MODELS_DIR, build_model, make_optimizer
+from core.model import MODELS_DIR, DualEncoder, build_model, make_optimizer  # noqa: E402
 from tasks import curate, pretrain  # noqa: E402
 from tasks.config import parse_params  # noqa: E402
 from core.data.loader import BatchStream  # noqa: E402

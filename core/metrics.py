@@ -1,5 +1,5 @@
 """Evaluation metrics as plain functions: zero-shot accuracy, attack success rate beside the clean
-target rate, and retrieval recall. Shared by the pretrain, clean and evaluate stages.
+target rate, and retrieval recall. Shared by the clean and evaluate stages.
 
 - Zero-shot: each class embedding is the normalised mean of the normalised embeddings of every
   prompt template for the class (open_clip's `build_zero_shot_classifier`); top-1, top-5, per class.
@@ -22,7 +22,7 @@ from core.data.shards import check_shards, decode_sample_image, shard_sizes
 
 
 class EvalError(InputError):
-    """An eval set or model that cannot be evaluated; names the file or parameter."""
+    """An eval set that cannot be evaluated on; names the file or parameter."""
 
 
 def load_classes(eval_dir: Path) -> dict:

@@ -104,6 +104,11 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """`lr_factor` as a scheduler stepped once per optimiser step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
+
+
 def optimizer_step(model, optimizer, scheduler, grad_clip: float | None = None) -> None:
     """Clip (optional), step the optimiser and the schedule, clear gradients, clamp the logit scale."""
     if grad_clip:
@@ -139,23 +144,30 @@ def forward_backward(model: torch.nn.Module, objective, micro_batches: list[dict
     cached embeddings. Each backward is then the whole batch's loss (every negative); through the
     embeddings the backwards add up to one pass's gradient, and the logit scale and bias take a 1/N
     share from each. Exact for models without BatchNorm (a ResNet's BatchNorm normalises each
-    micro-batch by its own statistics, and sees every sample twice). Costs one extra forward pass
-    without gradients per step."""
+    micro-batch by its own statistics; its running statistics are kept from counting samples twice).
+    Costs one extra forward pass without gradients per step; under DDP the gradients are all-reduced
+    once per step."""
     if len(micro_batches) == 1:
         with autocast():
             loss, parts = objective(model(micro_batches[0]))
         loss.backward()
         return loss.detach(), parts
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
     with torch.no_grad(), autocast():
         cached = [model(mb) for mb in micro_batches]
-    share = 1 / len(micro_batches)
+    for m, state in zip(norms, saved):  # BatchNorm's running statistics count each sample once
+        m.load_state_dict(state)
+    share, last = 1 / len(micro_batches), len(micro_batches) - 1
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP: all-reduce once, after the last backward
     for j, mb in enumerate(micro_batches):
-        with autocast():
-            out = model(mb)
-            joined = {k: _share_grad(v, share) if k not in EMBEDDINGS else
-                      torch.cat([v if i == j else c[k] for i, c in enumerate(cached)]) for k, v in out.items()}
-            loss, parts = objective(joined)
-        loss.backward()
+        with no_sync() if j < last else contextlib.nullcontext():
+            with autocast():
+                out = model(mb)
+                joined = {k: _share_grad(v, share) if k not in EMBEDDINGS else
+                          torch.cat([v if i == j else c[k] for i, c in enumerate(cached)]) for k, v in out.items()}
+                loss, parts = objective(joined)
+            loss.backward()
     return loss.detach(), parts
 
 

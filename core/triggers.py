@@ -74,7 +74,7 @@ def _wanet_grid(global_seed: int, height: int, width: int, k: int, strength: flo
 
 
 def apply_trigger(image: np.ndarray, cfg, sample_seed_: int, global_seed: int) -> tuple[np.ndarray, Box]:
-    """Triggered copy of an HxWx3 uint8 image and the box (x0, y0, x1, y1, px) it touched; `cfg` is the
+    """Triggered copy of an HxWx3 uint8 image and the box (x0, y0, x1, y1) in px it touched; `cfg` is the
     params' trigger settings (`poison.trigger`: name, patch_size, placement, ...)."""
     height, width = image.shape[:2]
     rng = np.random.default_rng(sample_seed_)

@@ -49,7 +49,7 @@ class _InputErrorsWithoutTraceback(logging.Filter):
 
 def worth_retrying(task, task_run, state) -> bool:
     """Prefect's retry_condition_fn: retry what may pass on (a lost worker, a network hiccup), not
-    what would fail again (`tasks.config.permanent`)."""
+    what would fail again (`core.errors.permanent`)."""
     return not permanent(state.data if isinstance(state.data, BaseException) else None)
 
 

@@ -23,8 +23,9 @@ from core.data.shards import atomic_write_json, check_shards, file_sha256, repla
 from core.errors import InputError
 from core.metrics import EvalError, attack_target, check_eval_sets, evaluate, flat, load_classes, target_index
 from core.model import (
-    DualEncoder, RunStopped, build_model, forward_backward, is_vit, lr_factor, make_optimizer, non_finite, optimizer_step,
+    DualEncoder, RunStopped, build_model, forward_backward, is_vit, make_optimizer, non_finite, optimizer_step, schedule,
 )
+from defences import OPTIONS
 from defences.registry import get_defence
 from tasks.config import CleanConfig, Params, require_section
 
@@ -102,7 +103,7 @@ def run_identity(params: Params, model: str, defence: str, lr: float) -> str:
     cfg = clean_config(params)
     blob = json.dumps({"seed": params.seed, "clean": cfg.identity(), "model": model, "defence": defence,
                        "checkpoint": file_sha256(checkpoint_of(params, model)), "lr": lr,
-                       "options": cfg.defence_options.get(defence, {}), "data": check_shards(cfg.data_dir, "clean.data_dir"),
+                       "options": OPTIONS[defence] | cfg.defence_options.get(defence, {}), "data": check_shards(cfg.data_dir, "clean.data_dir"),
                        "eval": check_eval_sets(cfg.eval_dir, "clean.eval_dir")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -135,7 +136,7 @@ def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> 
     stream = BatchStream(cfg.data_dir, cfg.batch_size, 0, 1, params.seed, preprocess, tokenizer, objective.views)
     total = cfg.epochs * stream.steps_per_epoch
     optimizer = make_optimizer(model, lr, cfg.weight_decay, is_vit(meta["open_clip_config"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total))
+    scheduler = schedule(optimizer, cfg.warmup_steps, total)
     wrapper = DualEncoder(model)
     best, started, diverged = None, time.time(), None
     for epoch in range(cfg.epochs):

@@ -262,10 +262,10 @@ class PretrainConfig(Section):
     """CLIP-style pre-training with Ray Train (tasks/pretrain.py); defaults sized for 2 CPU cores."""
 
     PATHS = frozenset({"data_dir", "control_data_dir", "out_dir", "storage_dir"})
-    # num_workers: with the samples split every worker count sees the same global batches (the
-    # update agrees to float rounding); use_gpu likewise changes rounding only
-    OPERATIONAL = frozenset({"num_workers", "concurrent_runs", "use_gpu", "threads_per_worker", "max_failures",
-                             "checkpoint_every", "keep_checkpoints", "log_every"})
+    # num_workers and use_gpu change results: the float rounding of the reductions (and other batches
+    # under the shards split), bf16 autocast on GPUs
+    OPERATIONAL = frozenset({"concurrent_runs", "threads_per_worker", "max_failures", "checkpoint_every",
+                             "keep_checkpoints", "log_every"})
     RUNS = frozenset({"objectives", "controls", "weights"})
 
     data_dir: Path = Path("data/poisoned/train")  # the (poisoned) training shards

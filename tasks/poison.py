@@ -17,7 +17,6 @@ import json
 import math
 import re
 import shutil
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +120,6 @@ def plan_poison(params: Params) -> dict:
             "shards": shards, "poisons": by_shard, "cleaning": {"clean": clean_keys, "poisoned": poison_keys}}
 
 
-@lru_cache(maxsize=4)
 def curated_encoding(in_dir: Path) -> dict:
     """How the curated data stores samples (its stats.json): image_format, quality, shard_maxcount."""
     path = in_dir / "stats.json"

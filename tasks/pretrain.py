@@ -23,11 +23,13 @@ from core.data.shards import ShardError, atomic_write_json, check_shards, file_s
 from core.errors import InputError, permanent
 from core.frontier import CONTROL_PREFIX
 from core.model import (
-    DualEncoder, RunStopped, build_model, forward_backward, is_vit, lr_factor, make_optimizer, model_config, non_finite,
-    optimizer_step,
+    DualEncoder, RunStopped, build_model, forward_backward, is_vit, make_optimizer, model_config, non_finite,
+    optimizer_step, schedule,
 )
+from objectives import WEIGHTS
 from objectives.registry import get_objective
 from tasks.config import Params, PretrainConfig, parse_params, require_section
+
 
 class PretrainError(InputError):
     """A run that cannot start: names the parameter or file. Raised before training."""
@@ -41,14 +43,13 @@ def run_label(objective: str, control: bool) -> str:
     return CONTROL_PREFIX + objective if control else objective
 
 
-def fingerprint(params: Params, objective: str, control: bool, data: str) -> str:
+def fingerprint(params: Params, objective: str, control: bool, data: str, model_cfg: dict) -> str:
     """The run's identity: what it computes from which data (the seed, `PretrainConfig.identity`, the
-    objective and its weights, the data digest), so a rerun resumes only the same run. The worker
-    count joins it under the shards split, where each worker count reads other batches."""
+    model's open_clip config, the objective and the weights it trains with, the data digest), so a
+    rerun resumes only the same run."""
     cfg = params.pretrain
-    identity = cfg.identity() | ({"num_workers": cfg.num_workers} if cfg.split == "shards" else {})
-    blob = json.dumps({"seed": params.seed, "pretrain": identity,
-                       "weights": cfg.weights.get(objective, {}), "objective": objective, "control": control,
+    blob = json.dumps({"seed": params.seed, "pretrain": cfg.identity(), "model_config": model_cfg,
+                       "weights": WEIGHTS[objective] | cfg.weights.get(objective, {}), "objective": objective, "control": control,
                        "data": data}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -68,7 +69,7 @@ def plan_run(params: Params, objective: str, control: bool = False) -> dict:
     if cfg.batch_size > n:
         raise PretrainError(f"pretrain.batch_size={cfg.batch_size} is larger than the dataset ({n} samples in {data_dir})")
     label = run_label(objective, control)
-    run_id = f"{label}-{fingerprint(params, objective, control, data)}"
+    run_id = f"{label}-{fingerprint(params, objective, control, data, mcfg)}"
     storage = cfg.storage_dir if "://" in cfg.storage_dir else str(Path(cfg.storage_dir).resolve())
     return {"objective": objective, "control": control, "label": label, "run_id": run_id,
             "data_dir": str(data_dir.resolve()),  # Ray workers run in their own working directory
@@ -214,7 +215,7 @@ def train_loop_per_worker(config: dict) -> None:
     steps_per_epoch = run["steps_per_epoch"]
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, is_vit(run["model_config"]), cfg.beta1, cfg.beta2, cfg.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
+    scheduler = schedule(optimizer, cfg.warmup_steps, total_steps)
     # The per-step log travels inside each checkpoint, so a resumed run (on any node) continues it.
     log_path = Path(tempfile.mkdtemp()) / "train_log.jsonl"
     position = _resume(ray.train.get_checkpoint(), model, optimizer, scheduler, run, log_path, rank)
@@ -251,7 +252,7 @@ def train_loop_per_worker(config: dict) -> None:
     accum, micro_per_epoch = cfg.accum_steps, steps_per_epoch * cfg.accum_steps
     for epoch in range(position["epoch"], cfg.epochs):
         skip = position["batch"] if epoch == position["epoch"] else 0  # micro-batches, at a step boundary
-        batches = prefetch(stream.epoch(epoch, skip_steps=skip, n_batches=micro_per_epoch))
+        batches = prefetch(stream.epoch(epoch, skip_batches=skip, n_batches=micro_per_epoch))
         for b in range(skip, micro_per_epoch, accum):
             problem, micro = None, []
             try:

@@ -99,7 +99,7 @@ def test_stage_params_are_the_settings_that_change_results():
         uses_seed = "params.seed" in (REPO / "tasks" / f"{name}.py").read_text()
         expected = {f"{name}.{f}" for f in section.dvc_params()} | ({"seed"} if uses_seed else set())
         assert set(stage.get("params", [])) == expected, name
-        assert not any(k.endswith(("runner", "workers", "threads_per_worker", "log_every")) for k in stage.get("params", []))
+        assert not any(k.endswith(("runner", "threads_per_worker", "log_every")) for k in stage.get("params", []))
 
 
 def test_dependency_walk_sees_lazy_and_registry_imports():

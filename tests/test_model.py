@@ -17,9 +17,9 @@ def batch(n=BATCH, seed=0) -> dict:
             "image_aug": torch.rand(n, 3, 32, 32, generator=g), "text_aug": torch.randint(1, 1000, (n, 32), generator=g)}
 
 
-def fresh_model():
+def fresh_model(objective="mmcl_ssl"):
     torch.manual_seed(0)
-    return build_model("vit-tiny", "mmcl_ssl")[0]  # LayerNorm only: accumulation is exact
+    return build_model("vit-tiny", objective)[0]  # LayerNorm only: accumulation is exact
 
 
 def grads(model) -> dict:
@@ -27,7 +27,7 @@ def grads(model) -> dict:
 
 
 def one_pass(objective: str) -> tuple[float, dict]:
-    model = fresh_model()
+    model = fresh_model(objective)
     loss, _ = forward_backward(DualEncoder(model), get_objective(objective), [batch()])
     return loss.item(), grads(model)
 
@@ -39,10 +39,10 @@ def micro(whole: dict, accum: int, rank: int = 0, world: int = 1) -> list[dict]:
     return [{k: v[j * size + rank * local: j * size + (rank + 1) * local] for k, v in whole.items()} for j in range(accum)]
 
 
-@pytest.mark.parametrize("objective", ["mmcl", "mmcl_ssl"])
+@pytest.mark.parametrize("objective", ["mmcl", "mmcl_ssl", "siglip"])  # siglip: a logit bias too
 def test_accumulation_gives_the_gradients_of_one_pass(objective):
     loss, reference = one_pass(objective)
-    model = fresh_model()
+    model = fresh_model(objective)
     acc_loss, _ = forward_backward(DualEncoder(model), get_objective(objective), micro(batch(), accum=4))
     assert acc_loss.item() == pytest.approx(loss, rel=1e-5)
     assert reference.keys() == grads(model).keys()
@@ -92,3 +92,21 @@ def test_weight_decay_by_tensor_rank():
     assert any(p is model.bn_like_matrix for p in decay["params"])
     assert any(p is model.logit_scale for p in no_decay["params"])
     assert len(no_decay["params"]) + len(decay["params"]) == len(list(model.parameters()))
+
+
+def test_accumulation_counts_each_sample_once_in_batchnorm_statistics():
+    """rn-tiny (BatchNorm): the cached pass without gradients leaves the running statistics as one
+    pass per micro-batch would."""
+    torch.manual_seed(0)
+    model = build_model("rn-tiny", "mmcl")[0]
+    torch.manual_seed(0)
+    twin = build_model("rn-tiny", "mmcl")[0]
+    whole = {k: v for k, v in batch().items() if k in ("image", "text")}
+    forward_backward(DualEncoder(model), get_objective("mmcl"), micro(whole, accum=2))
+    with torch.no_grad():
+        for mb in micro(whole, accum=2):
+            DualEncoder(twin)(mb)
+    bn = [n for n, _ in model.named_buffers() if "running_mean" in n]
+    assert bn
+    for name in bn:
+        assert torch.allclose(dict(model.named_buffers())[name], dict(twin.named_buffers())[name]), name

@@ -94,7 +94,7 @@ def test_pipeline_end_to_end_then_up_to_date(reference, env):
     original = (repo / "params.yaml").read_text()
     params = yaml.safe_load(original)
     params["curate"]["runner"]["workers"] = params["poison"]["runner"]["workers"] = 3
-    params["pretrain"] |= {"num_workers": 2, "log_every": 1, "checkpoint_every": 7, "concurrent_runs": 1}
+    params["pretrain"] |= {"log_every": 1, "checkpoint_every": 7, "concurrent_runs": 1, "threads_per_worker": 2}
     params["clean"] |= {"runner": {"kind": "process", "workers": 2}, "eval_batch_size": 7}
     params["evaluate"]["batch_size"] = 9
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

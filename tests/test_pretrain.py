@@ -89,17 +89,21 @@ def test_workers_and_accumulation_give_the_same_steps(data, tmp_path):
 
 
 def test_run_identity_holds_what_changes_the_result_only(data, tmp_path):
-    """A rerun resumes exactly when it should: the run id ignores workers (under the samples split),
-    logging, checkpoint cadence and concurrency; it changes with what a run computes."""
+    """A rerun resumes exactly when it should: the run id ignores logging, checkpoint cadence, threads and
+    concurrency; it changes with what a run computes (the worker count too: float rounding of the
+    reductions, and other batches under the shards split)."""
     params = params_with(data, tmp_path)
     run_id = lambda **changes: pretrain.plan_run(params_with(data, tmp_path, **changes), "mmcl")["run_id"]  # noqa: E731
-    same = [run_id(num_workers=2), run_id(log_every=1, checkpoint_every=3, keep_checkpoints=5), run_id(concurrent_runs=3),
-            run_id(threads_per_worker=2, max_failures=0, use_gpu=False), run_id(controls=[], objectives=["mmcl_ssl"])]
+    same = [run_id(log_every=1, checkpoint_every=3, keep_checkpoints=5), run_id(concurrent_runs=3),
+            run_id(threads_per_worker=2, max_failures=0), run_id(controls=[], objectives=["mmcl_ssl"]),
+            run_id(weights={"mmcl_ssl": {"ssl": 2.0}})]  # another objective's weights
     assert set(same) == {pretrain.plan_run(params, "mmcl")["run_id"]}
     changed = [run_id(epochs=3), run_id(accum_steps=2), run_id(lr=3e-3), run_id(batch_size=16), run_id(split="shards"),
-               run_id(weight_decay=0.0), run_id(model="rn-tiny")]
+               run_id(weight_decay=0.0), run_id(model="rn-tiny"), run_id(num_workers=2), run_id(use_gpu=False)]
     assert len(set(changed) | set(same)) == len(changed) + 1
-    assert run_id(split="shards") != run_id(split="shards", num_workers=2)  # each worker count reads other batches
+    # the weights a run trains with, however they are written: defaults spelled out are the defaults
+    ssl_id = lambda **changes: pretrain.plan_run(params_with(data, tmp_path, **changes), "mmcl_ssl")["run_id"]  # noqa: E731
+    assert ssl_id(weights={"mmcl_ssl": {"mmcl": 1.0, "ssl": 1.0}}) == ssl_id() != ssl_id(weights={"mmcl_ssl": {"ssl": 2.0}})
 
 
 def test_uneven_shards_split_by_shard_finish(data, tmp_path):

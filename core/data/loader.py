@@ -81,13 +81,13 @@ class BatchStream:
             out["text_aug"] = self.text_views(key, caption)
         return out
 
-    def epoch(self, epoch: int, skip_steps: int = 0, n_batches: int | None = None) -> Iterator[dict]:
-        """The worker's batches of one epoch (the first `n_batches`, default all) after `skip_steps`:
+    def epoch(self, epoch: int, skip_batches: int = 0, n_batches: int | None = None) -> Iterator[dict]:
+        """The worker's batches of one epoch (the first `n_batches`, default all) after `skip_batches`:
         dicts of tensors (`image`, `text`, the views) and `keys`."""
         samples = self._local_samples(epoch)
-        for _ in range(skip_steps):  # resume mid-epoch: skip without decoding
+        for _ in range(skip_batches):  # resume mid-epoch: skip without decoding
             self._short(sum(1 for _ in itertools.islice(samples, self.local_batch)), epoch)
-        for _ in range((n_batches or self.steps_per_epoch) - skip_steps):
+        for _ in range((n_batches or self.steps_per_epoch) - skip_batches):
             chunk = [self._decode(s, epoch) for s in itertools.islice(samples, self.local_batch)]
             self._short(len(chunk), epoch)
             batch = {"image": torch.stack([c["image"] for c in chunk]),

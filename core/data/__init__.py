@@ -1,0 +1,2 @@
+"""Data: the generated corpus, sources users bring, images, webdataset shards, the training loader
+and its augmented views, and Great Expectations validation."""
