@@ -27,10 +27,11 @@ def one_setting(model_name: str, batch: int, accum: int, steps: int) -> dict:
     torch.set_num_threads(1)
     model, _, _ = build_model(model_name, "mmcl_ssl")
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
-    g = torch.Generator().manual_seed(0)
-    whole = {"image": torch.rand(batch, 3, size, size, generator=g), "text": torch.randint(1, 1000, (batch, 77), generator=g),
+    g, tokens = torch.Generator().manual_seed(0), model.context_length
+    whole = {"image": torch.rand(batch, 3, size, size, generator=g),
+             "text": torch.randint(1, 1000, (batch, tokens), generator=g),
              "image_aug": torch.rand(batch, 3, size, size, generator=g),
-             "text_aug": torch.randint(1, 1000, (batch, 77), generator=g)}
+             "text_aug": torch.randint(1, 1000, (batch, tokens), generator=g)}
     micro = [{k: v[j * batch // accum:(j + 1) * batch // accum] for k, v in whole.items()} for j in range(accum)]
     wrapper, objective = DualEncoder(model), get_objective("mmcl_ssl")
     optimizer = make_optimizer(model, 1e-3, 0.1, vit=is_vit(model_config(model_name)))
