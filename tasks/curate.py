@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from core.errors import InputError
 from tasks.config import Params
-from core.data.images import Rejected, clean_caption, decode_image, encode_image, resize
+from core.data.images import Rejected, normalise_caption, decode_image, encode_image, resize
 from core.data.shards import (
     MANIFEST_SCHEMA, ShardSink, atomic_write_bytes, atomic_write_json, link_or_copy, read_manifest, rewrite_shard,
     swap_into_place, write_table,
@@ -95,7 +95,7 @@ def process_partition(params: Params, part: Partition) -> dict:
             try:
                 if rec.rejected:
                     raise rec.rejected
-                caption, truncated = clean_caption(rec.caption, cfg.caption.min_chars, cfg.caption.max_chars)
+                caption, truncated = normalise_caption(rec.caption, cfg.caption.min_chars, cfg.caption.max_chars)
                 im = rec.image if rec.image is not None else decode_image(rec.data, cfg.max_image_pixels)
                 if min(im.size) < cfg.min_image_side:
                     raise Rejected("too_small", f"{im.width}x{im.height} < {cfg.min_image_side} px")

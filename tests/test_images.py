@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.data.images import Rejected, clean_caption, decode_image, encode_image, resize, to_rgb
+from core.data.images import Rejected, normalise_caption, decode_image, encode_image, resize, to_rgb
 from tests.conftest import png_bytes, random_image
 
 
@@ -75,10 +75,10 @@ def test_encode_is_deterministic_and_lossless_for_png():
 
 
 def test_clean_caption():
-    assert clean_caption("  a   red\tbanana \n", 3, 100) == ("a red banana", False)
-    assert clean_caption("cafÃ© au lait", 3, 100) == ("café au lait", False)  # mojibake fixed by ftfy
-    assert clean_caption("one two three four", 3, 10) == ("one two", True)
+    assert normalise_caption("  a   red\tbanana \n", 3, 100) == ("a red banana", False)
+    assert normalise_caption("cafÃ© au lait", 3, 100) == ("café au lait", False)  # mojibake fixed by ftfy
+    assert normalise_caption("one two three four", 3, 10) == ("one two", True)
     for bad, reason in [("", "empty_caption"), ("   ", "empty_caption"), (None, "empty_caption"), ("ab", "caption_too_short")]:
         with pytest.raises(Rejected) as e:
-            clean_caption(bad, 3, 100)
+            normalise_caption(bad, 3, 100)
         assert e.value.reason == reason

@@ -95,7 +95,7 @@ def encode_image(im: Image.Image, fmt: str, quality: int) -> bytes:
 _SPACE = re.compile(r"\s+")
 
 
-def clean_caption(text: str | None, min_chars: int, max_chars: int) -> tuple[str, bool]:
+def normalise_caption(text: str | None, min_chars: int, max_chars: int) -> tuple[str, bool]:
     """ftfy-fixed, whitespace-collapsed caption and whether it was truncated; Rejected if too short.
 
     Captions over max_chars are cut at the last word boundary (web captions run long; the
