@@ -57,7 +57,7 @@ def read_state_dict(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {'is not a file' if path.exists() else 'not found'}: {path}")
     if _is_torchscript(path):
         raise CheckpointError(f"{path} is a TorchScript archive (torch.jit.save), not a state_dict; load it with "
-                        f"torch.jit.load and {_EXPORT_HINT}")
+                              f"torch.jit.load and {_EXPORT_HINT}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -95,6 +95,14 @@ def _unwrapped(key: str) -> str:
     return key
 
 
+def exported_sha256(checkpoint: Path) -> str:
+    """The sha256 of a checkpoint file: the one the export recorded in model_config.json beside it
+    (which `load_model` checks the file against), else the file's own, hashed here."""
+    config = checkpoint.parent / "model_config.json"
+    meta = json.loads(config.read_text()) if config.is_file() else {}
+    return meta.get("sha256", {}).get(checkpoint.name) or file_sha256(checkpoint)
+
+
 def load_model(checkpoint: Path, model_name: str | None = None, objective: str = "mmcl"):
     """(model, preprocess, tokenizer) from a state_dict file; the model name comes from the
     model_config.json beside it (our exports) or from `model_name`. Raises CheckpointError naming the file
@@ -106,11 +114,11 @@ def load_model(checkpoint: Path, model_name: str | None = None, objective: str =
     expected = meta.get("sha256", {}).get(checkpoint.name)
     if expected and file_sha256(checkpoint) != expected:
         raise CheckpointError(f"{checkpoint} is not the file that was exported: its sha256 differs from the one in {config} "
-                        f"(damaged or replaced); run the stage that wrote it again")
+                              f"(damaged or replaced); run the stage that wrote it again")
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{checkpoint} holds NaN or inf in {len(bad)} of {len(state)} tensors (e.g. {bad[:3]}): "
-                        f"the run that wrote it diverged")
+                              f"the run that wrote it diverged")
     if model_name is None:
         if not meta:
             raise CheckpointError(f"{checkpoint}: no model_config.json beside it; give the open_clip model name")
@@ -125,5 +133,5 @@ def load_model(checkpoint: Path, model_name: str | None = None, objective: str =
         raise CheckpointError(f"{checkpoint} does not match model {model_name!r}: {str(err)[:600]}") from None
     if missing or unexpected:
         raise CheckpointError(f"{checkpoint} does not match model {model_name!r}: missing keys {missing[:5]}, "
-                        f"unexpected keys {unexpected[:5]}")
+                              f"unexpected keys {unexpected[:5]}")
     return model, preprocess, tokenizer

@@ -10,7 +10,6 @@ target rate, and retrieval recall. Shared by the clean and evaluate stages.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from core.errors import InputError
-from core.data.shards import check_shards, decode_sample_image, shard_sizes
+from core.data.shards import check_shards, decode_sample_image, digest, shard_sizes
 
 
 class EvalError(InputError):
@@ -51,7 +50,7 @@ def check_eval_sets(eval_dir: Path, key: str) -> str:
     the target they were made for; ShardError naming the params `key`, the tar and the sample if one
     is damaged (core.data.shards.check_shards), EvalError if the target is not recorded."""
     digests = [check_shards(eval_dir / folder, f"{key} ({folder}/)") for folder in ("labelled", "asr")]
-    return hashlib.sha256(json.dumps(digests + [attack_target(eval_dir)]).encode()).hexdigest()
+    return digest(digests + [attack_target(eval_dir)])
 
 
 def target_index(classes: dict, target: str, where: str) -> int:

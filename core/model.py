@@ -40,7 +40,7 @@ def model_config(name: str, key: str = "model") -> dict:
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         raise InputError(f"{key}: open_clip knows no model {name!r}; configs in {MODELS_DIR}: "
-                            f"{sorted(p.stem for p in MODELS_DIR.glob('*.json'))}; built in: e.g. RN50, ViT-B-32")
+                         f"{sorted(p.stem for p in MODELS_DIR.glob('*.json'))}; built in: e.g. RN50, ViT-B-32")
     return cfg
 
 

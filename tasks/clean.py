@@ -8,7 +8,6 @@ is read back), run in parallel by the flow. `assemble_sweep` gathers a cell's ru
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from core.checkpoint import CheckpointError, load_model
+from core.checkpoint import CheckpointError, exported_sha256, load_model
 from core.data.loader import BatchStream, prefetch
-from core.data.shards import atomic_write_json, check_shards, file_sha256, replacing, shard_sizes
+from core.data.shards import atomic_write_json, check_shards, digest, file_sha256, replacing, shard_sizes
 from core.errors import InputError
 from core.metrics import EvalError, attack_target, check_eval_sets, evaluate, flat, load_classes, target_index
 from core.model import (
@@ -101,11 +100,11 @@ def run_identity(params: Params, model: str, defence: str, lr: float) -> str:
     rate, and the digests of the cleaning data and eval sets (with their target). Not: the runner,
     threads, evaluation batch size, or the other learning rates of the sweep."""
     cfg = clean_config(params)
-    blob = json.dumps({"seed": params.seed, "clean": cfg.identity(), "model": model, "defence": defence,
-                       "checkpoint": file_sha256(checkpoint_of(params, model)), "lr": lr,
-                       "options": OPTIONS[defence] | cfg.defence_options.get(defence, {}), "data": check_shards(cfg.data_dir, "clean.data_dir"),
-                       "eval": check_eval_sets(cfg.eval_dir, "clean.eval_dir")}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return digest({"seed": params.seed, "clean": cfg.identity(), "model": model, "defence": defence, "lr": lr,
+                   "checkpoint": exported_sha256(checkpoint_of(params, model)),
+                   "options": OPTIONS[defence] | cfg.defence_options.get(defence, {}),
+                   "data": check_shards(cfg.data_dir, "clean.data_dir"),
+                   "eval": check_eval_sets(cfg.eval_dir, "clean.eval_dir")}, 12)
 
 
 def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> dict:
@@ -205,7 +204,8 @@ def assemble_sweep(params: Params, model: str, defence: str, runs: list[dict]) -
     for r in runs:
         (run_dir(params, model, defence, r["lr"]) / "best.pt").unlink(missing_ok=True)
     sweep = {"model": model, "defence": defence, "pretrained": runs[0]["points"][0], "points": points,
-             "best": best_run["best"], "best_run": best_run["run_id"], "lrs": [r["lr"] for r in runs], "epochs": clean_config(params).epochs,
+             "best": best_run["best"], "best_run": best_run["run_id"], "lrs": [r["lr"] for r in runs],
+             "epochs": clean_config(params).epochs,
              "diverged": [{"lr": r["lr"], "why": r["diverged"]} for r in runs if "diverged" in r],
              "seconds": sum(r["seconds"] for r in runs)}
     atomic_write_json(cell / "sweep.json", sweep)

@@ -27,7 +27,7 @@ from tasks.config import Params
 from core.data.images import Rejected, normalise_caption, decode_image, encode_image, resize
 from core.data.shards import (
     MANIFEST_SCHEMA, ShardSink, atomic_write_bytes, atomic_write_json, link_or_copy, read_manifest, rewrite_shard,
-    swap_into_place, write_table,
+    digest, swap_into_place, write_table,
 )
 from core.data.sources import Partition, eval_metadata, plan, read_partition, source_signature
 
@@ -46,9 +46,8 @@ def fingerprint(params: Params) -> str:
     settings that change samples (`CurateConfig.identity`: not the runner or validation thresholds),
     the sources' files (`source_signature`) and the output folder (two outputs never share staging)."""
     cfg = params.curate
-    blob = json.dumps({"seed": params.seed, "curate": cfg.identity(), "out_dir": str(cfg.out_dir),
-                       "sources": [source_signature(s) for s in cfg.sources]}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest({"seed": params.seed, "curate": cfg.identity(), "out_dir": str(cfg.out_dir),
+                   "sources": [source_signature(s) for s in cfg.sources]}, 16)
 
 
 _STAGING_NAME = re.compile(r"^[0-9a-f]{16}$")  # a fingerprint

@@ -8,7 +8,6 @@ from its latest checkpoint (same step, optimiser, scheduler and data position).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from core.data.loader import SUPPORTED_VIEWS, BatchStream, prefetch
-from core.data.shards import ShardError, atomic_write_json, check_shards, file_sha256, shard_sizes
+from core.data.shards import ShardError, atomic_write_json, check_shards, digest, file_sha256, shard_sizes
 from core.errors import InputError, permanent
 from core.frontier import CONTROL_PREFIX
 from core.model import (
@@ -48,10 +47,8 @@ def fingerprint(params: Params, objective: str, control: bool, data: str, model_
     model's open_clip config, the objective and the weights it trains with, the data digest), so a
     rerun resumes only the same run."""
     cfg = params.pretrain
-    blob = json.dumps({"seed": params.seed, "pretrain": cfg.identity(), "model_config": model_cfg,
-                       "weights": WEIGHTS[objective] | cfg.weights.get(objective, {}), "objective": objective, "control": control,
-                       "data": data}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return digest({"seed": params.seed, "pretrain": cfg.identity(), "model_config": model_cfg, "objective": objective,
+                   "weights": WEIGHTS[objective] | cfg.weights.get(objective, {}), "control": control, "data": data}, 12)
 
 
 def plan_run(params: Params, objective: str, control: bool = False) -> dict:

@@ -306,6 +306,12 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def digest(value, length: int = 64) -> str:
+    """The hex sha256 (first `length` digits) of a JSON value with sorted keys: the identity of a
+    resumable unit (curated partitions, pretrain and clean runs) or a combination of digests."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
+
+
 _checked: dict[tuple, str] = {}  # stat signature of a shard folder -> its digest, for this process
 
 
