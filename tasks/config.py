@@ -49,12 +49,15 @@ class Section(Strict):
     - RUNS: which runs to make (objectives, models, learning rates); in dvc.yaml's params, while a
       run's identity holds only its own element;
     - CHECKS: validation thresholds; in dvc.yaml's params (a change re-checks), not in identities;
+    - MATRIX: the axes of a dvc.yaml `matrix` (clean's models and defences): each element is a stage
+      of its own, so the lists are not params of any one of them;
     every other field changes what a run computes: in both."""
 
     PATHS: ClassVar[frozenset[str]] = frozenset()
     OPERATIONAL: ClassVar[frozenset[str]] = frozenset()
     RUNS: ClassVar[frozenset[str]] = frozenset()
     CHECKS: ClassVar[frozenset[str]] = frozenset()
+    MATRIX: ClassVar[frozenset[str]] = frozenset()
 
     def identity(self) -> dict:
         """The settings that change what one run computes (JSON values), for run identities."""
@@ -63,7 +66,7 @@ class Section(Strict):
     @classmethod
     def dvc_params(cls) -> set[str]:
         """The fields dvc.yaml lists under the stage's `params`."""
-        return set(cls.model_fields) - cls.PATHS - cls.OPERATIONAL
+        return set(cls.model_fields) - cls.PATHS - cls.OPERATIONAL - cls.MATRIX
 
 
 class GeneratedSource(Strict):
@@ -167,6 +170,24 @@ class ValidationConfig(Strict):
     # the same image under several captions, which curate keeps (it de-duplicates image+caption);
     # raise it to stop on placeholder images that a downloader saved for many dead links.
     sha256_unique_mostly: Annotated[Real, Field(ge=0, le=1)] = 0.0
+
+
+def _known(names, registry: dict, kind: str):
+    """`names` if each is in `registry` (objectives.WEIGHTS, defences.OPTIONS), else the first unknown named."""
+    for name in names:
+        if name not in registry:
+            raise ValueError(f"unknown {kind} {name!r}; known {kind}s: {sorted(registry)}")
+    return names
+
+
+def _known_options(mapping: dict, registry: dict, kind: str, called: str) -> dict:
+    """`mapping` ({name: {option: value}}) if every name and option is known to `registry`."""
+    _known(mapping, registry, kind)
+    for name, options in mapping.items():
+        unknown = sorted(set(options) - set(registry[name]))
+        if unknown:
+            raise ValueError(f"{name}: {unknown} not accepted; {name} takes {called} {registry[name] or 'none'}")
+    return mapping
 
 
 class CurateConfig(Section):
@@ -299,15 +320,18 @@ class PretrainConfig(Section):
     threads_per_worker: Annotated[StrictInt, Field(ge=1)] | None = None  # None: cores / (workers x concurrent runs)
     max_failures: Annotated[StrictInt, Field(ge=0)] = 1  # worker restarts from the last checkpoint
 
+    @field_validator("objectives", "controls")
+    @classmethod
+    def _known_objectives(cls, names: list[str]) -> list[str]:
+        return _known(names, OBJECTIVES, "objective")
+
+    @field_validator("weights")
+    @classmethod
+    def _known_weights(cls, weights: dict) -> dict:
+        return _known_options(weights, OBJECTIVES, "objective", "weights")
+
     @model_validator(mode="after")
-    def _known_objectives(self):
-        for name in set(self.objectives) | set(self.controls) | set(self.weights):
-            if name not in OBJECTIVES:
-                raise ValueError(f"unknown objective {name!r}; known objectives: {sorted(OBJECTIVES)}")
-        for name, weights in self.weights.items():
-            unknown = sorted(set(weights) - set(OBJECTIVES[name]))
-            if unknown:
-                raise ValueError(f"weights.{name}: {unknown} not accepted; {name} takes {OBJECTIVES[name] or 'none'}")
+    def _batch_divides(self):
         if self.batch_size % (self.num_workers * self.accum_steps):
             raise ValueError(f"batch_size {self.batch_size} must be divisible by num_workers x accum_steps "
                              f"({self.num_workers} x {self.accum_steps})")
@@ -320,6 +344,7 @@ class CleanConfig(Section):
     PATHS = frozenset({"data_dir", "eval_dir", "models_dir", "out_dir"})
     OPERATIONAL = frozenset({"runner", "threads_per_run", "eval_batch_size"})
     RUNS = frozenset({"models", "defences", "defence_options", "lrs"})
+    MATRIX = frozenset({"models", "defences"})
 
     data_dir: Path = Path("data/poisoned/cleaning")
     eval_dir: Path = Path("data/poisoned/eval")
@@ -343,14 +368,17 @@ class CleanConfig(Section):
         bad = [lr for lr in self.lrs if not lr > 0]
         if bad:
             raise ValueError(f"lrs: learning rates must be positive, got {bad}")
-        for name in set(self.defences) | set(self.defence_options):
-            if name not in DEFENCES:
-                raise ValueError(f"unknown defence {name!r}; known defences: {sorted(DEFENCES)}")
-        for name, options in self.defence_options.items():
-            unknown = sorted(set(options) - set(DEFENCES[name]))
-            if unknown:
-                raise ValueError(f"defence_options.{name}: {unknown} not accepted; {name} takes {DEFENCES[name] or 'none'}")
         return self
+
+    @field_validator("defences")
+    @classmethod
+    def _known_defences(cls, names: list[str]) -> list[str]:
+        return _known(names, DEFENCES, "defence")
+
+    @field_validator("defence_options")
+    @classmethod
+    def _known_defence_options(cls, options: dict) -> dict:
+        return _known_options(options, DEFENCES, "defence", "options")
 
 
 class EvaluateConfig(Section):
@@ -390,12 +418,25 @@ def require_section(params: "Params", name: str, error: type[Exception] = ValueE
     return section
 
 
+# Keys of earlier versions: an old params file is told what became of them.
+MOVED = {
+    "pretrain.baselines": "renamed pretrain.controls (the unpoisoned reference models)",
+    "pretrain.baseline_data_dir": "renamed pretrain.control_data_dir",
+    "evaluate.sweeps_dir": "renamed evaluate.cleaned_dir",
+    "clean.target": "removed: the target comes with the eval sets (eval/asr/attack.json, from poison.target)",
+    "evaluate.target": "removed: the target comes with the eval sets (eval/asr/attack.json, from poison.target)",
+    "curate.partition_size": "removed: partitions are curate.shard_maxcount samples",
+}
+
+
 def _format_errors(err: ValidationError, origin: str) -> str:
     lines = [f"{origin}: {err.error_count()} invalid value(s):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
-        lines.append(f"  {key}: {e['msg']}{got}")
+        # a check across a section's fields gets the whole section as input: the message says what is wrong
+        got = "" if e["type"] == "missing" or isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
+        moved = f"; {MOVED[key]}" if e["type"] == "extra_forbidden" and key in MOVED else ""
+        lines.append(f"  {key}: {e['msg']}{got}{moved}")
     return "\n".join(lines)
 
 

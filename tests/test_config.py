@@ -84,3 +84,26 @@ def test_params_yaml_lists_every_key_at_the_schema_default():
                 "pretrain": {}, "clean": {}, "evaluate": {}}
     assert loaded == parse_params(required).model_dump(mode="json")
     assert _keys(raw) == _keys(loaded)
+
+
+@pytest.mark.parametrize("change, line", [
+    ({"pretrain": {"objectives": ["bogus"]}}, "  pretrain.objectives: Value error, unknown objective 'bogus'; known objectives: ["),
+    ({"pretrain": {"weights": {"mmcl_ssl": {"foo": 1.0}}}},
+     "  pretrain.weights: Value error, mmcl_ssl: ['foo'] not accepted; mmcl_ssl takes weights {'mmcl': 1.0, 'ssl': 1.0}"),
+    ({"clean": {"defence_options": {"nope": {}}}}, "  clean.defence_options: Value error, unknown defence 'nope'"),
+    ({"pretrain": {"accum_steps": 3, "num_workers": 2}},
+     "  pretrain: Value error, batch_size 64 must be divisible by num_workers x accum_steps (2 x 3)"),
+    ({"pretrain": {"baselines": ["mmcl"]}}, "  pretrain.baselines: Extra inputs are not permitted (got ['mmcl']); renamed "
+                                            "pretrain.controls"),
+    ({"clean": {"target": "banana"}}, "  clean.target: Extra inputs are not permitted (got 'banana'); removed: the target "
+                                      "comes with the eval sets"),
+])
+def test_errors_name_the_key_and_what_became_of_old_keys(change, line):
+    """Each bad value is one line under its dotted key; a check across a section's fields says what is
+    wrong without dumping the section; keys of earlier versions say what they became."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = {k: v | change[k] if k in change else v for k, v in raw.items()}
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw, "params.yaml")
+    (reported,) = str(err.value).splitlines()[1:]
+    assert reported.startswith(line) and len(reported) < 300, reported

@@ -100,6 +100,10 @@ def test_pipeline_end_to_end_then_up_to_date(reference, env):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout
     assert "Data and pipelines are up to date" in status, status
+    params["clean"]["defences"] = ["cleanclip", "mmcl"]  # a new cell of the matrix: the finished cells stay
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout
+    assert "clean@mmcl-mmcl:" in status and "clean@mmcl-cleanclip:" not in status, status
     params["poison"]["target"] = "heart"  # what the poison stage computes: it and everything after it
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout
