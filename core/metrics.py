@@ -10,13 +10,16 @@ target rate, and retrieval recall. Shared by the clean and evaluate stages.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
 from core.errors import InputError
+from core.data.loader import parallel
 from core.data.shards import check_shards, decode_sample_image, digest, shard_sizes
 
 
@@ -68,35 +71,50 @@ def classifier(model, tokenizer, classes: dict, device) -> torch.Tensor:
                                       num_classes_per_batch=16, device=device, use_tqdm=False)
 
 
-def _batches(eval_dir: Path, preprocess, batch_size: int):
+def _batches(eval_dir: Path, preprocess, batch_size: int, part: int = 0, parts: int = 1,
+             on_sample: Callable[[dict], None] | None = None) -> Iterator[dict]:
+    """Batches part, part + parts, ... of an eval set in shard order, decoded: `image` [B, 3, H, W],
+    `labels` [B], `keys` and `captions`; the others are read but not decoded (core.data.loader.parallel)."""
     urls = [str(eval_dir / name) for name in shard_sizes(eval_dir)]
-    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
-    chunk = []
-    for sample in pipeline:
-        chunk.append(sample)
-        if len(chunk) == batch_size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    samples = iter(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+    for b in itertools.count():
+        chunk = list(itertools.islice(samples, batch_size))
+        if not chunk:
+            return
+        if b % parts != part:
+            continue
+        images = []
+        for s in chunk:
+            if on_sample:
+                on_sample(s)
+            images.append(preprocess(decode_sample_image(s)))
+        yield {"image": torch.stack(images), "labels": torch.tensor([int(s["cls"]) for s in chunk]),
+               "keys": [s["__key__"] for s in chunk], "captions": [s["txt"].decode() for s in chunk]}
 
 
 @torch.no_grad()
 def predict(model, weights: torch.Tensor, eval_dir: Path, preprocess, device, batch_size: int = 256,
-            with_text: bool = False) -> dict:
-    """Streams an eval set: top-5 class predictions, true classes and keys (and image embeddings and
-    captions when `with_text`, for retrieval)."""
+            with_text: bool = False, loader_workers: int = 0) -> dict:
+    """Streams an eval set through the model: top-5 class predictions [N, 5], true classes [N] and keys
+    (and image embeddings [N, D] and captions when `with_text`, for retrieval). Images are decoded in
+    `loader_workers` processes (0: a thread) while the model runs; memory holds one batch per process
+    plus the per-image outputs (N x 5 ints; N x D floats with text)."""
     keys, labels, top5, embeddings, captions = [], [], [], [], []
-    for chunk in _batches(eval_dir, preprocess, batch_size):
-        images = torch.stack([preprocess(decode_sample_image(s)) for s in chunk]).to(device)
+    cuda = torch.device(device).type == "cuda"
+    produce = lambda part, parts, on_sample: _batches(eval_dir, preprocess, batch_size, part, parts, on_sample)  # noqa: E731
+    for batch in parallel(produce, loader_workers, str(eval_dir), pin_memory=cuda):
+        images = batch["image"].to(device, non_blocking=cuda)
+        if cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
         features = model.encode_image(images, normalize=True).float()
         top5.append((features @ weights.float()).topk(min(5, weights.shape[1]), dim=1).indices.cpu())
-        keys += [s["__key__"] for s in chunk]
-        labels += [int(s["cls"]) for s in chunk]
+        keys += batch["keys"]
+        labels.append(batch["labels"])
         if with_text:
             embeddings.append(features.cpu())
-            captions += [s["txt"].decode() for s in chunk]
-    out = {"keys": keys, "labels": np.array(labels), "top5": torch.cat(top5).numpy() if top5 else np.zeros((0, 5), int)}
+            captions += batch["captions"]
+    out = {"keys": keys, "labels": torch.cat(labels).numpy() if labels else np.zeros(0, int),
+           "top5": torch.cat(top5).numpy() if top5 else np.zeros((0, 5), int)}
     if with_text:
         out |= {"image_embeddings": torch.cat(embeddings), "captions": captions}
     return out
@@ -136,34 +154,40 @@ def attack_metrics(asr_pred: dict, clean_pred: dict, target: int) -> dict:
 
 
 @torch.no_grad()
-def retrieval_metrics(model, tokenizer, pred: dict, device, ks=(1, 5, 10)) -> dict:
-    """Image->text and text->image recall@k on the eval set's own (image, caption) pairs."""
+def retrieval_metrics(model, tokenizer, pred: dict, device, ks=(1, 5, 10), chunk: int = 1024) -> dict:
+    """Image->text and text->image recall@k (fractions) on the eval set's own (image, caption) pairs.
+    Similarities are ranked `chunk` rows at a time: memory chunk x N, not N x N (50k pairs: 0.2 GB, not 10)."""
     images = pred["image_embeddings"].to(device)
     texts = torch.cat([model.encode_text(tokenizer(pred["captions"][i:i + 256]).to(device), normalize=True).float()
                        for i in range(0, len(pred["captions"]), 256)])
-    sim = images @ texts.T
-    truth = torch.arange(len(images), device=device)[:, None]
     out = {}
-    for direction, scores in (("i2t", sim), ("t2i", sim.T)):
-        ranking = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
-        for k in ks:
-            out[f"{direction}_r@{k}"] = float((ranking[:, :k] == truth).any(dim=1).float().mean())
+    for direction in ("i2t", "t2i"):
+        hits, n = torch.zeros(len(ks)), len(images) if direction == "i2t" else len(texts)
+        for start in range(0, n, chunk):  # rows (i2t) or columns (t2i) of the one image x text matrix
+            scores = images[start:start + chunk] @ texts.T if direction == "i2t" else (images @ texts[start:start + chunk].T).T
+            ranking = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+            truth = torch.arange(start, start + len(scores), device=device)[:, None]
+            hits += torch.tensor([(ranking[:, :k] == truth).any(dim=1).sum().item() for k in ks], dtype=torch.float)
+        for k, hit in zip(ks, hits):
+            out[f"{direction}_r@{k}"] = float(hit / n)
     return out
 
 
 def evaluate(model, preprocess, tokenizer, labelled_dir: Path, asr_dir: Path | None, target: str | None, device="cpu",
-             batch_size: int = 256, retrieval: bool = True) -> dict:
-    """Every metric of one model on a labelled eval set and (optionally) its triggered (ASR) set."""
+             batch_size: int = 256, retrieval: bool = True, loader_workers: int = 0) -> dict:
+    """Every metric of one model on a labelled eval set and (optionally) its triggered (ASR) set; images
+    decoded in `loader_workers` processes (`predict`)."""
     classes = load_classes(labelled_dir)
     model.eval()
     weights = classifier(model, tokenizer, classes, device)
-    clean = predict(model, weights, labelled_dir, preprocess, device, batch_size, with_text=retrieval)
+    clean = predict(model, weights, labelled_dir, preprocess, device, batch_size, retrieval, loader_workers)
     out = {"zero_shot": zero_shot_metrics(clean, classes["classnames"])}
     if retrieval:
         out["retrieval"] = retrieval_metrics(model, tokenizer, clean, device)
     if asr_dir is not None:
         t = target_index(classes, target, str(labelled_dir))
-        out["attack"] = attack_metrics(predict(model, weights, asr_dir, preprocess, device, batch_size), clean, t)
+        out["attack"] = attack_metrics(predict(model, weights, asr_dir, preprocess, device, batch_size,
+                                               loader_workers=loader_workers), clean, t)
     return out
 
 

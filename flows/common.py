@@ -17,13 +17,15 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from core.errors import InputError, NO_SPACE, permanent
-from tasks.config import ConfigError, Params, RunnerConfig, load_params, require_section
+from tasks.config import ConfigError, Params, RunnerConfig, dump_params, load_params, require_section
 from core.locks import exclusive
 
 
-def params_from_argv(description: str, argv: list[str] | None = None, section: str | None = None) -> Params:
+def params_from_argv(description: str, argv: list[str] | None = None, section: str | None = None,
+                     adopt: bool = False) -> Params:
     """Parse `--params FILE` (default params.yaml) and validate it, and that it has the stage's
-    `section`, before any work; exit 2 on bad params."""
+    `section`, before any work; exit 2 on bad params. With `adopt` (the DVC pipeline), another FILE
+    becomes params.yaml."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
@@ -31,6 +33,10 @@ def params_from_argv(description: str, argv: list[str] | None = None, section: s
         params = load_params(args.params)
         if section:
             require_section(params, section, ConfigError)
+        if adopt and Path(args.params).resolve() != Path("params.yaml").resolve():
+            # DVC reads params.yaml: another file is written there in full (dvc.yaml reads every key)
+            print(f"params.yaml: written from {args.params} with every key (DVC's params file)", flush=True)
+            dump_params(params, "params.yaml")
         return params
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

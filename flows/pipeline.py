@@ -2,9 +2,10 @@
 through DVC (`dvc repro <stage>`: an unchanged stage is skipped, dvc.lock records lineage), with retries
 on transient failures; ends with the study's table and verdict as artifacts.
 
-    python -m flows.pipeline
+    python -m flows.pipeline [--params params/smoke-224.yaml]
 
-The stages read params.yaml (DVC's params file); vary it with `dvc exp run -S key=value`.
+The stages read params.yaml (DVC's params file); `--params FILE` writes FILE there in full first.
+Vary it with `dvc exp run -S key=value`.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def pipeline_flow(params: Params) -> dict:
 
 
 if __name__ == "__main__":
-    params = params_from_argv(__doc__)
+    params = params_from_argv(__doc__, adopt=True)
     with stage_command({}), prefect_api():
         result = pipeline_flow(params)
     for s in result["stages"]:

@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 
 from core.checkpoint import CheckpointError, exported_sha256, load_model
-from core.data.loader import BatchStream, prefetch
+from core.data.loader import BatchStream
 from core.data.shards import atomic_write_json, check_shards, digest, file_sha256, replacing, shard_sizes
 from core.errors import InputError
 from core.metrics import EvalError, attack_target, check_eval_sets, evaluate, flat, load_classes, target_index
 from core.model import (
-    DualEncoder, RunStopped, build_model, forward_backward, is_vit, make_optimizer, non_finite, optimizer_step, schedule,
+    DualEncoder, RunStopped, build_model, for_device, forward_backward, is_vit, make_optimizer, non_finite,
+    optimizer_step, schedule, to_device,
 )
 from defences import OPTIONS
 from defences.registry import get_defence
@@ -75,7 +76,7 @@ def check_sweep(params: Params, model: str, defence: str) -> None:
 def _measure(params: Params, model, preprocess, tokenizer, device) -> dict:
     cfg = clean_config(params)
     metrics = evaluate(model, preprocess, tokenizer, cfg.eval_dir / "labelled", cfg.eval_dir / "asr", target_of(params),
-                       device, cfg.eval_batch_size, retrieval=False)
+                       device, cfg.eval_batch_size, retrieval=False, loader_workers=cfg.loader_workers)
     return flat(metrics)
 
 
@@ -127,12 +128,13 @@ def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> 
     objective = defence.objective()
     model, preprocess, tokenizer = load_model(checkpoint_of(params, model_name))
     meta = json.loads((checkpoint_of(params, model_name).parent / "model_config.json").read_text())
-    model = model.to(device)
+    model = for_device(model, device)
     points = [{"epoch": 0, "lr": lr, **_measure(params, model, preprocess, tokenizer, device)}]
     torch.manual_seed(params.seed)
     fresh, _, _ = build_model(meta["model"], meta["objective"])
-    defence.prepare(model, fresh.to(device))
-    stream = BatchStream(cfg.data_dir, cfg.batch_size, 0, 1, params.seed, preprocess, tokenizer, objective.views)
+    defence.prepare(model, for_device(fresh, device))
+    stream = BatchStream(cfg.data_dir, cfg.batch_size, 0, 1, params.seed, preprocess, tokenizer, objective.views,
+                         loader_workers=cfg.loader_workers, pin_memory=device.type == "cuda")
     total = cfg.epochs * stream.steps_per_epoch
     optimizer = make_optimizer(model, lr, cfg.weight_decay, is_vit(meta["open_clip_config"]))
     scheduler = schedule(optimizer, cfg.warmup_steps, total)
@@ -143,8 +145,8 @@ def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> 
         if cfg.freeze_bn_stats:
             _freeze_bn_stats(model)
         losses, epoch_start = [], time.time()
-        for batch in prefetch(stream.epoch(epoch)):
-            loss, _ = forward_backward(wrapper, objective, [{k: v.to(device) for k, v in batch.items() if k != "keys"}])
+        for batch in stream.epoch(epoch):
+            loss, _ = forward_backward(wrapper, objective, [to_device(batch, device)])
             if not torch.isfinite(loss):
                 diverged = f"the loss became {loss.item()} at step {scheduler.last_epoch + 1} (epoch {epoch + 1})"
                 break

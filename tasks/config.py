@@ -285,8 +285,8 @@ class PretrainConfig(Section):
     PATHS = frozenset({"data_dir", "control_data_dir", "out_dir", "storage_dir"})
     # num_workers and use_gpu change results: the float rounding of the reductions (and other batches
     # under the shards split), bf16 autocast on GPUs
-    OPERATIONAL = frozenset({"concurrent_runs", "threads_per_worker", "max_failures", "checkpoint_every",
-                             "keep_checkpoints", "log_every"})
+    OPERATIONAL = frozenset({"concurrent_runs", "threads_per_worker", "loader_workers", "max_failures",
+                             "checkpoint_every", "keep_checkpoints", "log_every"})
     RUNS = frozenset({"objectives", "controls", "weights"})
 
     data_dir: Path = Path("data/poisoned/train")  # the (poisoned) training shards
@@ -309,7 +309,7 @@ class PretrainConfig(Section):
     beta2: Annotated[Real, Field(ge=0, lt=1)] | None = None  # None: 0.98 for ViTs, 0.999 for ResNets (open_clip)
     eps: Annotated[Real, Field(gt=0)] | None = None  # None: 1e-6 for ViTs, 1e-8 for ResNets
     grad_clip: Annotated[Real, Field(gt=0)] | None = None
-    split: Literal["samples", "shards"] = "samples"  # how workers share the stream (core/data/loader.py)
+    split: Literal["auto", "samples", "shards"] = "auto"  # how workers share the stream (core/data/loader.py)
     shuffle_buffer: Annotated[StrictInt, Field(ge=1)] = 1000
     checkpoint_every: Annotated[StrictInt, Field(ge=1)] = 100  # optimiser steps
     keep_checkpoints: Annotated[StrictInt, Field(ge=1)] = 2
@@ -318,6 +318,10 @@ class PretrainConfig(Section):
     concurrent_runs: Annotated[StrictInt, Field(ge=1)] = 2  # runs (models) training at once, each on its own workers
     use_gpu: Literal["auto", True, False] = "auto"
     threads_per_worker: Annotated[StrictInt, Field(ge=1)] | None = None  # None: cores / (workers x concurrent runs)
+    # processes per Train worker that decode and augment its batches; 0: a thread of the worker.
+    # The batches are the same bytes for any value (core/data/loader.py)
+    loader_workers: Annotated[StrictInt, Field(ge=0)] = 0
+    compile: bool = False  # torch.compile the model (GPUs: faster steps after a warm-up; other rounding)
     max_failures: Annotated[StrictInt, Field(ge=0)] = 1  # worker restarts from the last checkpoint
 
     @field_validator("objectives", "controls")
@@ -342,7 +346,7 @@ class CleanConfig(Section):
     """CleanCLIP-style cleaning sweeps (tasks/clean.py). The study's values are in params.yaml comments."""
 
     PATHS = frozenset({"data_dir", "eval_dir", "models_dir", "out_dir"})
-    OPERATIONAL = frozenset({"runner", "threads_per_run", "eval_batch_size"})
+    OPERATIONAL = frozenset({"runner", "threads_per_run", "loader_workers", "eval_batch_size"})
     RUNS = frozenset({"models", "defences", "defence_options", "lrs"})
     MATRIX = frozenset({"models", "defences"})
 
@@ -362,6 +366,7 @@ class CleanConfig(Section):
     eval_batch_size: Annotated[StrictInt, Field(ge=1)] = 256
     runner: RunnerConfig = RunnerConfig()  # the sweep's runs in parallel
     threads_per_run: Annotated[StrictInt, Field(ge=1)] | None = None  # None: the machine's cores / runner workers
+    loader_workers: Annotated[StrictInt, Field(ge=0)] = 0  # decoding processes per run (pretrain.loader_workers)
 
     @model_validator(mode="after")
     def _check(self):
@@ -383,7 +388,7 @@ class CleanConfig(Section):
 
 class EvaluateConfig(Section):
     PATHS = frozenset({"eval_dir", "models_dir", "cleaned_dir", "metrics_dir", "plots_dir", "report_dir"})
-    OPERATIONAL = frozenset({"batch_size", "use_gpu"})
+    OPERATIONAL = frozenset({"batch_size", "use_gpu", "loader_workers"})
 
     eval_dir: Path = Path("data/poisoned/eval")  # labelled/ and asr/ (triggered non-target images)
     models_dir: Path = Path("data/models/pretrain")  # every */model.pt is evaluated
@@ -393,6 +398,7 @@ class EvaluateConfig(Section):
     report_dir: Path = Path("reports")  # report.md and figures
     batch_size: Annotated[StrictInt, Field(ge=1)] = 256
     use_gpu: Literal["auto", True, False] = "auto"
+    loader_workers: Annotated[StrictInt, Field(ge=0)] = 0  # decoding processes (0: a thread); same metrics for any value
 
 
 class ScheduleConfig(Strict):
@@ -458,3 +464,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return parse_params(raw, str(path))
+
+
+def dump_params(params: Params, path: str | Path) -> Path:
+    """Write `params` in full, every key as params.yaml lists them (dvc.yaml reads folders and params by key,
+    so DVC needs them all), atomically."""
+    from core.data.shards import replacing
+
+    path = Path(path)
+    with replacing(path) as tmp:
+        tmp.write_text(yaml.safe_dump(params.model_dump(mode="json", exclude_none=False), sort_keys=False))
+    return path

@@ -12,6 +12,7 @@ from core.checkpoint import load_model
 from core.data.shards import atomic_write_json
 from core.frontier import control_of, frontier
 from core.metrics import EvalError, attack_target, check_eval_sets, evaluate, flat
+from core.model import for_device
 from tasks.config import EvaluateConfig, Params, require_section
 
 
@@ -32,8 +33,8 @@ def evaluate_checkpoint(params: Params, checkpoint: Path, model_name: str | None
     model, preprocess, tokenizer = load_model(checkpoint, model_name)  # the file the user named is checked first
     check_eval_sets(cfg.eval_dir, "evaluate.eval_dir")
     device = device_for(cfg)
-    return evaluate(model.to(device), preprocess, tokenizer, cfg.eval_dir / "labelled", cfg.eval_dir / "asr",
-                    target_of(params), device, cfg.batch_size)
+    return evaluate(for_device(model, device), preprocess, tokenizer, cfg.eval_dir / "labelled", cfg.eval_dir / "asr",
+                    target_of(params), device, cfg.batch_size, loader_workers=cfg.loader_workers)
 
 
 def pretrained_models(params: Params) -> dict[str, Path]:

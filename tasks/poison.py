@@ -27,7 +27,7 @@ from PIL import Image
 
 from core.errors import InputError
 from tasks.config import PATCH_TRIGGERS, Params, PoisonConfig, require_section
-from core.data.images import encode_image
+from core.data.images import LOSSY, encode_image
 from core.data.shards import (
     ShardSink, atomic_write_json, check_shards, decode_sample_image, image_ext, iter_tar_samples, link_or_copy,
     read_manifest, rewrite_shard, swap_into_place, write_table,
@@ -262,6 +262,11 @@ def validation_tables(params: Params, out: Path) -> dict[str, pd.DataFrame]:
     poisoned_keys = set(manifest["key"])
 
     train, inside, outside, sha_ok = [], {}, {}, {}
+    # outside_change: the share of pixels beyond the box that changed. Lossless: any change at all. Lossy
+    # (JPEG, WebP): a change of more than 32 levels beyond the box's 16 px coding blocks; re-encoding a
+    # 224 px q90 JPEG moves pixels there by at most 29 (measured), a misplaced 16 px patch by ~100
+    lossy = curated_encoding(cfg.in_dir)["image_format"] in LOSSY
+    margin, tolerance = (16, 32) if lossy else (0, 0)
     for shard in json.loads((out / "train" / "sizes.json").read_text()):
         originals = {}
         if shard in set(manifest["shard"]):
@@ -274,13 +279,15 @@ def validation_tables(params: Params, out: Path) -> dict[str, pd.DataFrame]:
             train.append({"key": key, "in_curated": in_curated, "unexpected_change": key not in poisoned_keys and not same})
             if key in originals:
                 b = boxes.loc[key]
-                diff = np.abs(_decode(s) - _decode(originals[key])).sum(axis=2) > 0
-                mask = np.zeros_like(diff)
-                mask[b.y0:b.y1, b.x0:b.x1] = True
-                inside[key], outside[key] = bool(diff[mask].any()), bool(diff[~mask].any())
+                diff = np.abs(_decode(s) - _decode(originals[key])).max(axis=2)
+                box = np.zeros(diff.shape, bool)
+                box[b.y0:b.y1, b.x0:b.x1] = True
+                near = np.zeros(diff.shape, bool)  # a lossy codec's blocks that overlap the box change with it
+                near[max(0, b.y0 - margin):b.y1 + margin, max(0, b.x0 - margin):b.x1 + margin] = True
+                inside[key], outside[key] = bool(diff[box].any()), float((diff[~near] > tolerance).mean())
                 sha_ok[key] = sha == b.new_sha256 and _image_sha(originals[key]) == b.original_sha256
     manifest["changed_inside_box"] = manifest["key"].map(inside).fillna(False).astype(bool)
-    manifest["changed_outside_box"] = manifest["key"].map(outside).fillna(True).astype(bool)
+    manifest["outside_change"] = manifest["key"].map(outside).fillna(1.0).astype(float)
     manifest["manifest_sha_matches_shard"] = manifest["key"].map(sha_ok).fillna(False).astype(bool)
 
     asr = read_manifest(out / "eval" / "asr").to_pandas()[["key", "cls"]]
@@ -301,11 +308,13 @@ def validate_poisoned(params: Params, out: Path) -> list[dict]:
     classes = json.loads((cfg.in_dir / "eval" / cfg.eval_set / "classes.json").read_text())["classnames"]
     target_index = classes.index(cfg.target)
     n_train = int(read_manifest(cfg.in_dir / "train").num_rows)
+    lossy = curated_encoding(cfg.in_dir)["image_format"] in LOSSY
     expected = [cfg.count] * 2 if cfg.count is not None else [math.floor(cfg.rate * n_train), math.ceil(cfg.rate * n_train)]
     parameters = {
         "poison_manifest": {"min_poisons": expected[0], "max_poisons": expected[1],
                             "target_regex": rf"(?i)\b{re.escape(cfg.target)}s?\b",
-                            "allowed_outside_change": [False] if cfg.trigger.name in PATCH_TRIGGERS else [False, True]},
+                            # a patch changes nothing beyond its box; other triggers change the whole image
+                            "max_outside_change": (0.001 if lossy else 0.0) if cfg.trigger.name in PATCH_TRIGGERS else 1.0},
         "poisoned_train": {"n_train": n_train},
         "asr_set": {"n_asr": int((curated_eval["cls"] != target_index).sum()), "target_classes": [target_index]},
         "cleaning_subset": {"n_cleaning": cfg.cleaning.size + cfg.cleaning.poisons, "k": cfg.cleaning.poisons},

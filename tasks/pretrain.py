@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from core.data.loader import SUPPORTED_VIEWS, BatchStream, prefetch
+from core.data.loader import SUPPORTED_VIEWS, BatchStream
 from core.data.shards import ShardError, atomic_write_json, check_shards, digest, file_sha256, shard_sizes
 from core.errors import InputError, permanent
 from core.frontier import CONTROL_PREFIX
 from core.model import (
-    DualEncoder, RunStopped, build_model, forward_backward, is_vit, make_optimizer, model_config, non_finite,
-    optimizer_step, schedule,
+    DualEncoder, RunStopped, build_model, for_device, forward_backward, is_vit, make_optimizer, model_config,
+    non_finite, optimizer_step, schedule, to_device,
 )
 from objectives import WEIGHTS
 from objectives.registry import get_objective
@@ -205,10 +205,13 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(config["threads"])
     torch.manual_seed(params.seed)
     model, preprocess, tokenizer = build_model(cfg.model, run["objective"])
+    device = ray.train.torch.get_device()
+    model = for_device(model, device)  # before the optimiser, so that resumed optimiser state lands beside its weights
     objective = get_objective(run["objective"], **cfg.weights.get(run["objective"], {}))
     # accum_steps micro-batches make one optimiser step's global batch of batch_size samples
     stream = BatchStream(Path(run["data_dir"]), cfg.batch_size // cfg.accum_steps, rank, world, params.seed, preprocess,
-                         tokenizer, objective.views, cfg.split, cfg.shuffle_buffer)
+                         tokenizer, objective.views, cfg.split, cfg.shuffle_buffer, cfg.loader_workers,
+                         pin_memory=device.type == "cuda")
     steps_per_epoch = run["steps_per_epoch"]
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, is_vit(run["model_config"]), cfg.beta1, cfg.beta2, cfg.eps)
@@ -216,8 +219,8 @@ def train_loop_per_worker(config: dict) -> None:
     # The per-step log travels inside each checkpoint, so a resumed run (on any node) continues it.
     log_path = Path(tempfile.mkdtemp()) / "train_log.jsonl"
     position = _resume(ray.train.get_checkpoint(), model, optimizer, scheduler, run, log_path, rank)
-    ddp = ray.train.torch.prepare_model(DualEncoder(model))
-    device = ray.train.torch.get_device()
+    encoder = DualEncoder(model)
+    ddp = ray.train.torch.prepare_model(torch.compile(encoder) if cfg.compile else encoder)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
 
     def stop(problem: str) -> None:
@@ -249,7 +252,7 @@ def train_loop_per_worker(config: dict) -> None:
     accum, micro_per_epoch = cfg.accum_steps, steps_per_epoch * cfg.accum_steps
     for epoch in range(position["epoch"], cfg.epochs):
         skip = position["batch"] if epoch == position["epoch"] else 0  # micro-batches, at a step boundary
-        batches = prefetch(stream.epoch(epoch, skip_batches=skip, n_batches=micro_per_epoch))
+        batches = stream.epoch(epoch, skip_batches=skip, n_batches=micro_per_epoch)
         for b in range(skip, micro_per_epoch, accum):
             problem, micro = None, []
             try:
@@ -259,8 +262,7 @@ def train_loop_per_worker(config: dict) -> None:
                 problem = f"reading batch {b + len(micro)} of epoch {epoch}: {err if isinstance(err, ShardError) else repr(err)}"
             if problem := _first_problem(problem, world, device):
                 return stop(problem)
-            loss, parts = forward_backward(ddp, objective, [{k: v.to(device) for k, v in mb.items() if k != "keys"}
-                                                            for mb in micro], autocast)
+            loss, parts = forward_backward(ddp, objective, [to_device(mb, device) for mb in micro], autocast)
             if problem := _first_problem(None if torch.isfinite(loss) else
                                          f"the loss became {loss.item()} at step {step + 1} (epoch {epoch}, batch "
                                          f"{b + accum - 1}, lr {scheduler.get_last_lr()[0]:.3g}); lower pretrain.lr or "
@@ -304,15 +306,15 @@ def init_ray(cfg: PretrainConfig) -> None:
 
     if ray.is_initialized():
         return
-    for var, value in {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                       "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    for var, value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}.items():
         os.environ.setdefault(var, value)
     # Ray Train's workers both print and log what they print: each progress line reached the driver twice
     runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)
-    else:
+    else:  # a one-machine Ray (the setting would stop other nodes from joining a cluster)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         cpus = max(os.cpu_count() or 1, (cfg.num_workers + 1) * cfg.concurrent_runs)  # + a controller per run
         ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", logging_level="WARNING", _node_ip_address="127.0.0.1",
                  runtime_env=runtime_env)

@@ -1,4 +1,5 @@
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -142,17 +143,63 @@ def curated_tiny(root: Path, train_pairs: int, eval_per_class: int, shard_maxcou
     return raw
 
 
+def poisoned_tiny(root: Path, train_pairs: int) -> dict:
+    """A tiny corpus curated (curated_tiny: 2 eval images per class, shards of 64) and poisoned under root:
+    8 poisons, a cleaning subset of 48 pairs; returns its raw params."""
+    from tasks import poison
+    from tasks.config import parse_params
+
+    raw = curated_tiny(root, train_pairs=train_pairs, eval_per_class=2, shard_maxcount=64)
+    raw["poison"] = {"in_dir": str(root / "data" / "curated"), "out_dir": str(root / "data" / "poisoned"), "count": 8,
+                     "trigger": {"patch_size": 0.25}, "cleaning": {"size": 48}}
+    poison.run_sequential(parse_params(raw))
+    return raw
+
+
+def pretrain_params(data: tuple[Path, dict], tmp_path: Path, **pretrain_cfg):
+    """Params to pretrain on data ((root, raw params) of curated_tiny) with a tiny ViT, writing under tmp_path."""
+    from tasks.config import parse_params
+
+    root, raw = data
+    raw = json.loads(json.dumps(raw))
+    raw["pretrain"] = {"data_dir": str(root / "data" / "curated" / "train"),
+                       "control_data_dir": str(root / "data" / "curated" / "train"),
+                       "out_dir": str(tmp_path / "models"), "storage_dir": str(tmp_path / "ray"),
+                       "model": "vit-tiny", "epochs": 2, "batch_size": 32, "lr": 2e-3, "warmup_steps": 2,
+                       "checkpoint_every": 4, "log_every": 2, "threads_per_worker": 1} | pretrain_cfg
+    return parse_params(raw)
+
+
+def log_of(out: Path) -> list[dict]:
+    """The per-step records of the run exported to out."""
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def clean_params(setup: tuple[Path, dict], tmp_path: Path, **cfg):
+    """Params to clean the models in <root>/data/models/pretrain on setup ((root, raw params) of
+    poisoned_tiny), a 2-lr sweep on Ray writing under tmp_path."""
+    from tasks.config import parse_params
+
+    root, raw = setup
+    raw = json.loads(json.dumps(raw))
+    raw["clean"] = {"data_dir": str(root / "data" / "poisoned" / "cleaning"),
+                    "eval_dir": str(root / "data" / "poisoned" / "eval"),
+                    "models_dir": str(root / "data" / "models" / "pretrain"), "out_dir": str(tmp_path / "clean"),
+                    "models": ["mmcl"], "lrs": [1e-3, 3e-3], "epochs": 2, "batch_size": 16, "warmup_steps": 2,
+                    "runner": {"kind": "ray", "workers": 2}, "threads_per_run": 1} | cfg
+    return parse_params(raw)
+
+
 def write_params(path: Path, params: dict) -> Path:
     """A params file; valid params are written in full, every key as params.yaml lists them (dvc.yaml
     reads paths and params by key), invalid ones as given (tests of the error messages)."""
-    from tasks.config import ConfigError, parse_params
+    from tasks.config import ConfigError, dump_params, parse_params
 
     try:
-        params = parse_params(params).model_dump(mode="json", exclude_none=False)
+        return dump_params(parse_params(params), path)
     except ConfigError:
-        pass
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        return path
 
 
 def copy_project(dest: Path) -> None:
@@ -174,3 +221,23 @@ def complete_checkpoints(storage: Path) -> list[int]:
         except Exception:  # a copy in progress: torch raises several types for a partial zip
             continue
     return steps
+
+
+def manifest_row(key: str, size: int = 8) -> dict:
+    return {"key": key, "caption": f"caption of {key}", "sha256": "0" * 64, "width": size, "height": size,
+            "source": "t", "split": "train", "cls": None}
+
+
+def write_shards(folder: Path, n: int = 8, per_shard: int = 4, size: int = 8, odd: dict | None = None) -> None:
+    """A shard folder of n samples s000, s001, ... with random `size` px PNGs and sizes.json, as the
+    stages write it; `odd` maps keys to other images (bytes)."""
+    from core.data.shards import ShardSink, atomic_write_json
+
+    folder.mkdir(parents=True)
+    with ShardSink(folder / "shard", per_shard) as sink:
+        for i in range(n):
+            key = f"s{i:03d}"
+            image = (odd or {}).get(key) or png_bytes(random_image(i, (size, size)))
+            sink.write({"__key__": key, "png": image, "txt": f"caption of {key}".encode()}, manifest_row(key, size))
+        shards = sink.close()
+    atomic_write_json(folder / "sizes.json", {s["tar"]: s["n"] for s in shards})

@@ -10,11 +10,11 @@ import torch
 from defences.registry import get_defence
 from flows.clean import clean_flow
 from flows.common import make_task_runner
-from tasks import clean, poison
-from tasks.config import ConfigError, RunnerConfig, parse_params
+from tasks import clean
+from tasks.config import ConfigError, RunnerConfig
 from core.model import RunStopped, build_model, model_config
 from core.data.shards import atomic_write_json, file_sha256
-from tests.conftest import curated_tiny
+from tests.conftest import clean_params, poisoned_tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -23,10 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 def setup(tmp_path_factory):
     """Curated and poisoned tiny data, and a (randomly initialised) exported model to clean."""
     root = tmp_path_factory.mktemp("clean")
-    raw = curated_tiny(root, train_pairs=160, eval_per_class=2, shard_maxcount=64)
-    raw["poison"] = {"in_dir": str(root / "data" / "curated"), "out_dir": str(root / "data" / "poisoned"), "count": 8,
-                     "trigger": {"patch_size": 0.25}, "cleaning": {"size": 48}}
-    poison.run_sequential(parse_params(raw))
+    raw = poisoned_tiny(root, train_pairs=160)
     models = root / "data" / "models" / "pretrain"
     for name in ("mmcl", "mmcl_ssl"):
         torch.manual_seed(0)
@@ -36,17 +33,6 @@ def setup(tmp_path_factory):
         atomic_write_json(models / name / "model_config.json", {"model": "vit-tiny", "objective": name,
                                                                 "open_clip_config": model_config("vit-tiny")})
     return root, raw
-
-
-def clean_params(setup, tmp_path, **cfg):
-    root, raw = setup
-    raw = json.loads(json.dumps(raw))
-    raw["clean"] = {"data_dir": str(root / "data" / "poisoned" / "cleaning"),
-                    "eval_dir": str(root / "data" / "poisoned" / "eval"),
-                    "models_dir": str(root / "data" / "models" / "pretrain"), "out_dir": str(tmp_path / "clean"),
-                    "models": ["mmcl"], "lrs": [1e-3, 3e-3], "epochs": 2, "batch_size": 16, "warmup_steps": 2,
-                    "runner": {"kind": "ray", "workers": 2}, "threads_per_run": 1} | cfg
-    return parse_params(raw)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -17,7 +17,8 @@ from tasks import evaluate as ev
 from tasks import report
 from tasks.config import parse_params
 from core.frontier import frontier, removes_backdoor
-from core.metrics import EvalError, attack_metrics, evaluate
+from core.metrics import EvalError, attack_metrics, evaluate, predict, retrieval_metrics
+from core.model import build_model
 from core.data.shards import ShardSink, atomic_write_json
 from tests.conftest import REPO, png_bytes, tiny_params
 
@@ -92,6 +93,20 @@ def test_backdoored_model(eval_dirs):
     m = evaluate(HandBuilt(backdoor=True), preprocess, tokenizer, eval_dirs / "labelled", eval_dirs / "asr", "banana")
     assert m["zero_shot"]["top1"] == 1.0
     assert m["attack"]["asr"] == 1.0 and m["attack"]["clean_target_rate"] == 0.0 and m["attack"]["asr_excess"] == 1.0
+
+
+def test_metrics_are_the_same_for_any_loader_processes_and_retrieval_chunk(eval_dirs):
+    """Decoding in 3 loader processes (batches of 4 over 30 images: 8 batches, uneven) gives every metric
+    to the last digit; retrieval ranked 7 rows at a time equals one 30 x 30 matrix."""
+    torch.manual_seed(0)
+    model, image_preprocess, text_tokenizer = build_model("vit-tiny", "mmcl")
+    model.eval()
+    runs = [evaluate(model, image_preprocess, text_tokenizer, eval_dirs / "labelled", eval_dirs / "asr", "banana",
+                     batch_size=4, loader_workers=w) for w in (0, 3)]
+    assert runs[0] == runs[1] and runs[0]["zero_shot"]["n"] == 30
+    weights = torch.nn.functional.normalize(torch.randn(model.text_projection.shape[1], 3), dim=0)
+    pred = predict(model, weights, eval_dirs / "labelled", image_preprocess, "cpu", 4, with_text=True)
+    assert retrieval_metrics(model, text_tokenizer, pred, "cpu", chunk=7) == runs[0]["retrieval"]
 
 
 def test_collapsed_model_is_a_bias_not_a_backdoor(eval_dirs):

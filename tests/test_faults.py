@@ -34,7 +34,9 @@ from core.model import RunStopped, build_model, model_config
 from core.data.shards import (
     ShardError, ShardSink, atomic_write_json, check_shards, decode_sample_image, file_sha256, replacing,
 )
-from tests.conftest import REPO, curated_tiny, png_bytes, random_image, tiny_params, write_params
+from tests.conftest import (
+    REPO, curated_tiny, manifest_row, png_bytes, random_image, tiny_params, write_params, write_shards,
+)
 
 
 # -- 1. settings that are not numbers, and runs that are not results ------------------------------
@@ -103,7 +105,7 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(RuntimeError):
         with ShardSink(tmp_path / "shard", 10) as sink:
-            sink.write({"__key__": "a", "txt": b"x"}, row("a"))
+            sink.write({"__key__": "a", "txt": b"x"}, manifest_row("a"))
             raise RuntimeError("disk gone")
     assert list(tmp_path.iterdir()) == []
 
@@ -323,22 +325,6 @@ def test_lock_names_its_holder_and_dies_with_it(tmp_path):
 
 
 # -- 6. damaged shards: checked before training, named by tar and key -------------------------------
-
-def row(key: str) -> dict:
-    return {"key": key, "caption": f"caption of {key}", "sha256": "0" * 64, "width": 8, "height": 8,
-            "source": "t", "split": "train", "cls": None}
-
-
-def write_shards(folder: Path, n: int = 8, per_shard: int = 4) -> None:
-    folder.mkdir(parents=True)
-    with ShardSink(folder / "shard", per_shard) as sink:
-        for i in range(n):
-            key = f"s{i:03d}"
-            sink.write({"__key__": key, "png": png_bytes(random_image(i, (8, 8))), "txt": f"caption of {key}".encode()},
-                       row(key))
-        shards = sink.close()
-    atomic_write_json(folder / "sizes.json", {s["tar"]: s["n"] for s in shards})
-
 
 def cut(path: Path, keep: int) -> None:
     path.write_bytes(path.read_bytes()[:keep])

@@ -174,7 +174,7 @@ def test_validation_catches_a_trigger_outside_its_box(curated, tmp_path):
     key, shard = manifest.key[0], manifest.shard[0]
     # Shift the recorded box: the real patch is now outside it.
     rewrite_parquet(out / "poison_manifest.parquet", lambda df: df.assign(x0=df.x0 + 16, x1=df.x1 + 16))
-    with pytest.raises(ValidationFailed, match="changed_outside_box") as err:
+    with pytest.raises(ValidationFailed, match="outside_change") as err:
         raise_on_failure(poison.validate_poisoned(params, out))
     assert key in str(err.value) and shard
 

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 ENCODE_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+LOSSY = frozenset({"jpg", "webp"})  # re-encoding changes pixels beyond what was edited
 ORIENTATION = 0x0112  # the EXIF tag; 1 is upright
 
 

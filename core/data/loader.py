@@ -1,21 +1,31 @@
 """Training batches streamed from webdataset shards, identical in number on every worker.
 
 Each epoch the shard list is shuffled with a seed of (seed, epoch) and read through a seeded
-shuffle buffer. Two ways to split the stream over W workers:
+shuffle buffer. Two ways to split the stream over W training workers:
 
-- `samples` (default, exact): every worker reads the same stream and keeps its slice of each
-  global batch, decoding only its own samples. Global batch b holds the same samples whatever W,
-  so 1 and N workers train on the same data. Costs W reads of the (cheap) tar bytes.
+- `samples` (exact): every worker reads the same stream and keeps its slice of each global batch,
+  decoding only its own samples. Global batch b holds the same samples whatever W, so 1 and N
+  workers train on the same data. Costs W reads of the (cheap) tar bytes.
 - `shards` (scalable): worker r reads shards r, r+W, ...; it cycles them if its share is short.
+- `auto` (default): `samples` up to 2 workers, `shards` above when there are enough shards.
 
 Either way every worker yields exactly `steps_per_epoch = N // global_batch` batches, so DDP
 never waits on a worker that ran out (uneven shards hang DDP).
+
+Decoding, preprocessing and the augmented views run in `loader_workers` processes per training
+worker (`parallel`, a torch DataLoader): loader process p of P reads the worker's stream and decodes
+only batches p, p+P, ...; the DataLoader takes one batch from each process in turn, so the batches,
+their order and their bytes do not depend on P. With 0 they are built in a thread of the trainer.
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
+import multiprocessing
+import os
 import queue
 import random
+import re
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,22 +37,42 @@ from core.seeds import sample_seed
 from core.data.views import TextViews, image_view
 
 SUPPORTED_VIEWS = frozenset({"image_aug", "text_aug"})
+SPLITS = ("auto", "samples", "shards")
+_SLOT = 512  # bytes per loader process for "pid<TAB>shard<TAB>key" of the sample it decodes
+
+
+def resolve_split(split: str, world: int, n_shards: int) -> str:
+    """The split `auto` stands for: `shards` above 2 workers when every worker has a shard of its own."""
+    if split != "auto":
+        return split
+    return "shards" if world > 2 and n_shards >= world else "samples"
 
 
 class BatchStream:
+    """One training worker's batches of a shard folder (see the module docstring).
+
+    Raises ValueError if `global_batch` is not divisible by `world`, ShardError if the `shards` split
+    has fewer shards than workers (the numbers named) and, while streaming, if a sample cannot be
+    decoded or a loader process dies (the shard and key named)."""
+
     def __init__(self, data_dir: Path, global_batch: int, rank: int, world: int, seed: int,
                  preprocess: Callable, tokenizer: Callable, views: frozenset = frozenset(),
-                 split: str = "samples", shuffle_buffer: int = 1000):
+                 split: str = "auto", shuffle_buffer: int = 1000, loader_workers: int = 0,
+                 pin_memory: bool = False):
         sizes = shard_sizes(data_dir)
         self.data_dir = data_dir
         self.urls = [str(data_dir / name) for name in sizes]
         self.n_samples = sum(sizes.values())
         if global_batch % world:
             raise ValueError(f"global batch {global_batch} is not divisible by {world} workers")
+        self.split = resolve_split(split, world, len(self.urls))
+        if self.split == "shards" and len(self.urls) < world:
+            raise ShardError(f"{data_dir}: {len(self.urls)} shards for {world} workers: the shards split needs a shard "
+                             f"per worker; use split samples, or curate with a smaller shard_maxcount")
         self.local_batch, self.global_batch = global_batch // world, global_batch
-        self.rank, self.world, self.seed, self.split = rank, world, seed, split
+        self.rank, self.world, self.seed = rank, world, seed
         self.preprocess, self.tokenizer, self.views = preprocess, tokenizer, frozenset(views)
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.loader_workers, self.pin_memory = shuffle_buffer, loader_workers, pin_memory
         self.text_views = TextViews(seed) if "text_aug" in self.views else None
 
     @property
@@ -53,7 +83,7 @@ class BatchStream:
         urls = list(self.urls)
         random.Random(sample_seed(self.seed, f"epoch{epoch}", "shards")).shuffle(urls)
         buffer_rng = random.Random(sample_seed(self.seed, f"epoch{epoch}", "buffer"))
-        shards = urls if self.split == "samples" else (urls[self.rank::self.world] or urls)
+        shards = urls if self.split == "samples" else urls[self.rank::self.world]
         while True:
             yield from wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(),
                                         wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=buffer_rng))
@@ -81,29 +111,114 @@ class BatchStream:
             out["text_aug"] = self.text_views(key, caption)
         return out
 
-    def epoch(self, epoch: int, skip_batches: int = 0, n_batches: int | None = None) -> Iterator[dict]:
-        """The worker's batches of one epoch (the first `n_batches`, default all) after `skip_batches`:
-        dicts of tensors (`image`, `text`, the views) and `keys`."""
+    def _batches(self, epoch: int, skip: int, n: int, part: int = 0, parts: int = 1,
+                 on_sample: Callable[[dict], None] | None = None) -> Iterator[dict]:
+        """Batches skip + part, skip + part + parts, ... < n of the epoch, decoded; the others are
+        read (the shuffle buffer needs them) but not decoded."""
         samples = self._local_samples(epoch)
-        for _ in range(skip_batches):  # resume mid-epoch: skip without decoding
-            self._short(sum(1 for _ in itertools.islice(samples, self.local_batch)), epoch)
-        for _ in range((n_batches or self.steps_per_epoch) - skip_batches):
-            chunk = [self._decode(s, epoch) for s in itertools.islice(samples, self.local_batch)]
+        for b in range(n):
+            chunk = list(itertools.islice(samples, self.local_batch))
             self._short(len(chunk), epoch)
-            batch = {"image": torch.stack([c["image"] for c in chunk]),
-                     "text": self.tokenizer([c["caption"] for c in chunk]), "keys": [c["key"] for c in chunk]}
+            if b < skip or (b - skip) % parts != part:
+                continue
+            decoded = []
+            for s in chunk:
+                if on_sample:
+                    on_sample(s)
+                decoded.append(self._decode(s, epoch))
+            batch = {"image": torch.stack([c["image"] for c in decoded]),
+                     "text": self.tokenizer([c["caption"] for c in decoded]), "keys": [c["key"] for c in decoded]}
             if "image_aug" in self.views:
-                batch["image_aug"] = torch.stack([c["image_aug"] for c in chunk])
+                batch["image_aug"] = torch.stack([c["image_aug"] for c in decoded])
             if "text_aug" in self.views:
-                batch["text_aug"] = self.tokenizer([c["text_aug"] for c in chunk])
+                batch["text_aug"] = self.tokenizer([c["text_aug"] for c in decoded])
             yield batch
 
+    def epoch(self, epoch: int, skip_batches: int = 0, n_batches: int | None = None) -> Iterator[dict]:
+        """The worker's batches of one epoch (the first `n_batches`, default all) after `skip_batches`,
+        built ahead of use: dicts of tensors (`image` [B, 3, H, W] float, `text` [B, L] int64, and the
+        views' `image_aug` / `text_aug`) and `keys` (B strings). Pinned when `pin_memory`."""
+        n = n_batches or self.steps_per_epoch
+        return parallel(lambda part, parts, on_sample: self._batches(epoch, skip_batches, n, part, parts, on_sample),
+                        self.loader_workers, f"{self.data_dir} (epoch {epoch})", self.pin_memory)
 
     def _short(self, got: int, epoch: int) -> None:
         if got < self.local_batch:
             raise ShardError(f"{self.data_dir}: the shards ran out in epoch {epoch}: they hold fewer than the "
                              f"{self.n_samples} samples sizes.json counts (a tar cut short or replaced); run the "
                              f"stage that wrote them again")
+
+
+class _Failure:
+    """An exception raised in a loader process, handed over in the batch's turn and raised as itself."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+Produce = Callable[[int, int, Callable[[dict], None]], Iterator]
+
+
+class _Parts(torch.utils.data.IterableDataset):
+    """`produce(part, parts, on_sample)` in each DataLoader process: part p of P yields items p, p+P, ..."""
+
+    def __init__(self, produce: Produce, workers: int):
+        self.produce, self.workers = produce, workers
+        # what each loader process decodes now, to name the sample if the process dies (a decoder
+        # crash or the OOM killer leaves no exception to send)
+        self.slots = multiprocessing.get_context("fork").Array(ctypes.c_char, _SLOT * workers, lock=False)
+
+    def __iter__(self) -> Iterator:
+        info = torch.utils.data.get_worker_info()
+        part, parts = info.id, info.num_workers
+
+        def on_sample(sample: dict) -> None:
+            note = f"{os.getpid()}\t{sample.get('__url__', '?')}\t{sample['__key__']}".encode()[:_SLOT]
+            self.slots[part * _SLOT:(part + 1) * _SLOT] = note.ljust(_SLOT, b"\0")
+
+        try:
+            yield from self.produce(part, parts, on_sample)
+        except Exception as err:  # noqa: BLE001 (raised by the consumer, in order, as itself)
+            yield _Failure(err)
+
+    def died(self, err: RuntimeError, where: str) -> ShardError:
+        pids = set(re.findall(r"\d+", str(err)))  # "DataLoader worker (pid(s) 123, 456) exited ..."
+        notes = [bytes(self.slots[p * _SLOT:(p + 1) * _SLOT]).rstrip(b"\0").decode(errors="replace").split("\t")
+                 for p in range(self.workers)]
+        named = [f"sample {key!r} of {url}" for pid, url, key in (n for n in notes if len(n) == 3) if pid in pids]
+        return ShardError(f"{where}: a loader process died while decoding {' and '.join(named) or 'a sample'} ({err}): "
+                          f"a sample that crashes the image decoder, or out of memory (fewer loader processes or a "
+                          f"smaller batch need less)")
+
+
+def parallel(produce: Produce, workers: int, where: str, pin_memory: bool = False) -> Iterator:
+    """The items of `produce(part, parts, on_sample)` in order 0, 1, 2, ... whatever `workers`: with 0,
+    `produce(0, 1, None)` in a background thread (`prefetch`); else `workers` forked DataLoader
+    processes, process p yielding items p, p+P, ... (torch's DataLoader takes one from each in turn).
+    `produce` calls `on_sample` with each webdataset sample before decoding it. An exception in a
+    process is raised as itself in its item's turn; a process that dies raises ShardError naming
+    `where` and the sample it was decoding. `pin_memory`: page-locked tensors, for async GPU copies."""
+    if not workers:
+        yield from prefetch(produce(0, 1, None))
+        return
+    dataset = _Parts(produce, workers)
+    # fork: the producer needs no pickling; its own generator: the DataLoader draws its processes'
+    # base seed from it, not from the trainer's global RNG (our decoding seeds itself per sample)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                                         multiprocessing_context="fork", generator=torch.Generator().manual_seed(0))
+    items = iter(loader)
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            if "DataLoader worker" not in str(err):
+                raise
+            raise dataset.died(err, where) from None
+        if isinstance(item, _Failure):
+            raise item.error
+        yield item
 
 
 def prefetch(batches: Iterator[dict], depth: int = 2) -> Iterator[dict]:

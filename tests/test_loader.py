@@ -1,0 +1,82 @@
+"""Training batches: the same bytes whatever the number of loader processes; errors named."""
+import os
+import signal
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from core.data.loader import BatchStream, resolve_split
+from core.data.shards import ShardError
+from tests.conftest import png_bytes, random_image, write_shards
+
+PREPROCESS = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
+
+
+def tokenize(texts):
+    return torch.tensor([[len(t), sum(map(ord, t))] for t in texts])
+
+
+def kill_on_9px(image):
+    """A decoder crash (or the OOM killer) as the loader process sees it: gone without an exception."""
+    if image.size == (9, 9):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return PREPROCESS(image)
+
+
+def batches(folder, loader_workers, **kw):
+    kw = {"global_batch": 4, "rank": 0, "world": 1, "views": frozenset({"image_aug", "text_aug"})} | kw
+    stream = BatchStream(folder, seed=3, preprocess=PREPROCESS, tokenizer=tokenize, shuffle_buffer=5,
+                         loader_workers=loader_workers, **kw)
+    return [list(stream.epoch(e, skip_batches=s)) for e, s in ((0, 0), (1, 2))]
+
+
+def same(a, b):
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and x["keys"] == y["keys"] and all(torch.equal(x[k], y[k]) for k in x if k != "keys")
+        for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("split_kw", [{}, {"rank": 1, "world": 3, "split": "shards"}],
+                         ids=["one-worker", "rank1-of-3-shards"])
+def test_batches_are_byte_identical_for_0_1_and_3_loader_processes(tmp_path, split_kw):
+    write_shards(tmp_path / "s", n=40, per_shard=8, size=12)
+    kw = split_kw | ({"global_batch": 6} if split_kw else {})
+    reference = batches(tmp_path / "s", 0, **kw)
+    assert [len(e) for e in reference] == ([6, 4] if split_kw else [10, 8])  # epoch 1 resumed after 2 batches
+    assert reference[0][0]["image_aug"].shape == reference[0][0]["image"].shape
+    assert reference[0][0]["keys"] != reference[1][0]["keys"]  # epochs are shuffled apart
+    for workers in (1, 3):
+        assert all(same(a, b) for a, b in zip(reference, batches(tmp_path / "s", workers, **kw))), workers
+
+
+def test_a_sample_error_in_a_loader_process_is_raised_as_itself_in_its_turn(tmp_path):
+    write_shards(tmp_path / "s", n=16, per_shard=4)
+    with (tmp_path / "s" / "shard-000003.tar").open("r+b") as f:  # s012's image header destroyed
+        f.seek(512)
+        f.write(b"\0" * 16)
+    stream = BatchStream(tmp_path / "s", 4, 0, 1, 0, PREPROCESS, tokenize, split="samples", shuffle_buffer=1,
+                         loader_workers=2)
+    seen = []
+    with pytest.raises(Exception, match=r"s012|cannot identify image") as err:
+        for batch in stream.epoch(0):
+            seen += batch["keys"]
+    assert "DataLoader worker" not in str(err.value)  # not wrapped in torch's traceback text
+    assert "s012" not in seen
+
+
+def test_a_loader_process_that_dies_names_the_shard_and_key(tmp_path):
+    write_shards(tmp_path / "s", n=16, per_shard=4, odd={"s006": png_bytes(random_image(6, (9, 9)))})
+    stream = BatchStream(tmp_path / "s", 4, 0, 1, 0, kill_on_9px, tokenize, shuffle_buffer=1, loader_workers=2)
+    with pytest.raises(ShardError, match=r"/s \(epoch 0\): a loader process died while decoding sample 's006' of "
+                                         r".*shard-00000\d\.tar .*out of memory"):
+        list(stream.epoch(0))
+
+
+def test_more_workers_than_shards(tmp_path):
+    write_shards(tmp_path / "s", n=16, per_shard=4)  # 4 shards
+    assert [resolve_split("auto", w, 4) for w in (1, 2, 3, 4, 5)] == ["samples"] * 2 + ["shards"] * 2 + ["samples"]
+    with pytest.raises(ShardError, match=r"4 shards for 8 workers: the shards split needs a shard per worker"):
+        BatchStream(tmp_path / "s", 8, 0, 8, 0, PREPROCESS, tokenize, split="shards")
+    streams = [BatchStream(tmp_path / "s", 4, 0, 1, 0, PREPROCESS, tokenize, loader_workers=w) for w in (0, 6)]
+    assert same(*[list(s.epoch(0)) for s in streams])  # 6 loader processes for 4 batches: 2 idle
