@@ -34,7 +34,7 @@ test: setup
 	python -m pytest
 
 bench: setup
-	for b in params curate poison objectives pretrain accumulation clean evaluate shard_check; do python benchmarks/$$b.py || exit 1; done
+	for b in params curate poison objectives pretrain accumulation loader clean evaluate memory shard_check; do python benchmarks/$$b.py || exit 1; done
 
 clean-staging:
 	rm -rf data/staging

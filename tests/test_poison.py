@@ -13,7 +13,7 @@ from tasks import poison
 from tasks.config import ConfigError, parse_params
 from core.data.shards import iter_tar_samples, read_manifest, write_table
 from core.data.validation import ValidationFailed, raise_on_failure
-from tests.conftest import curated_tiny
+from tests.conftest import curated_tiny, tiny_params
 
 pytestmark = pytest.mark.integration
 
@@ -165,6 +165,24 @@ def test_validation_catches_broken_outputs(curated, tmp_path, breakage):
     with pytest.raises(ValidationFailed) as err:
         raise_on_failure(poison.validate_poisoned(params, out))
     assert f"[{suite} on {suite}]" in str(err.value) and fragment in str(err.value)
+
+
+def test_jpeg_poisons_pass_and_a_misplaced_box_is_still_caught(tmp_path):
+    """Re-encoding a JPEG moves pixels everywhere a little; the study's 16/224 patch recorded 32 px off
+    its real place is still found (224 px JPEG, the size where it matters)."""
+    from tasks import curate
+
+    raw = tiny_params(tmp_path, [], image_size=224, image_format="jpg", quality=90, shard_maxcount=20)
+    raw["curate"]["sources"][0] |= {"train_pairs": 20, "eval_per_class": 1}
+    curate.run_sequential(parse_params(raw))
+    params = poison_params(raw, tmp_path, count=4, trigger={"name": "noise_patch", "patch_size": 16 / 224},
+                           cleaning={"size": 4, "poisons": 0})
+    out = poison.build(params)
+    raise_on_failure(poison.validate_poisoned(params, out))
+    rewrite_parquet(out / "poison_manifest.parquet",
+                    lambda df: df.assign(x0=(df.x0 + 32) % 192, x1=(df.x0 + 32) % 192 + 16))
+    with pytest.raises(ValidationFailed, match=r"'outside_change', 'min_value': 0.0, 'max_value': 0.001}\): 4 offending row"):
+        raise_on_failure(poison.validate_poisoned(params, out))
 
 
 def test_validation_catches_a_trigger_outside_its_box(curated, tmp_path):

@@ -37,7 +37,6 @@ from core.seeds import sample_seed
 from core.data.views import TextViews, image_view
 
 SUPPORTED_VIEWS = frozenset({"image_aug", "text_aug"})
-SPLITS = ("auto", "samples", "shards")
 _SLOT = 512  # bytes per loader process for "pid<TAB>shard<TAB>key" of the sample it decodes
 
 
@@ -191,15 +190,16 @@ class _Parts(torch.utils.data.IterableDataset):
                           f"smaller batch need less)")
 
 
-def parallel(produce: Produce, workers: int, where: str, pin_memory: bool = False) -> Iterator:
-    """The items of `produce(part, parts, on_sample)` in order 0, 1, 2, ... whatever `workers`: with 0,
+def parallel(produce: Produce, workers: int, where: str, pin_memory: bool = False) -> Iterator[dict]:
+    """The items (dicts) of `produce(part, parts, on_sample)` in order 0, 1, 2, ... whatever `workers`: with 0,
     `produce(0, 1, None)` in a background thread (`prefetch`); else `workers` forked DataLoader
     processes, process p yielding items p, p+P, ... (torch's DataLoader takes one from each in turn).
     `produce` calls `on_sample` with each webdataset sample before decoding it. An exception in a
     process is raised as itself in its item's turn; a process that dies raises ShardError naming
     `where` and the sample it was decoding. `pin_memory`: page-locked tensors, for async GPU copies."""
     if not workers:
-        yield from prefetch(produce(0, 1, None))
+        for item in prefetch(produce(0, 1, None)):
+            yield {k: v.pin_memory() if pin_memory and torch.is_tensor(v) else v for k, v in item.items()}
         return
     dataset = _Parts(produce, workers)
     # fork: the producer needs no pickling; its own generator: the DataLoader draws its processes'
