@@ -1,8 +1,9 @@
 """Evaluation throughput at 224 px: our metrics path (core.metrics.predict: JPEG shards decoded in N loader
 processes while the image encoder runs) against a bare loop that only runs the image encoder on one
-batch of pre-decoded tensors already on the device; and peak memory of the whole path for N vs 5N images.
+batch of pre-decoded tensors already on the device (both fp32, as the evaluate stage); and peak memory
+of the trainer process for N vs 5N images (its loader processes hold a bounded number of batches).
 
-    python benchmarks/evaluate.py [--images 1024] [--processes 0 2] [--model RN50]
+    python benchmarks/evaluate.py [--images 256] [--processes 0 2] [--model RN50]
     python benchmarks/evaluate.py --dry-run            # tiny: checks the script runs
 
 Goals: ours >= 0.9x the bare loop; peak memory flat in the eval set's size (<= 1.2x for 5x the images).
@@ -59,7 +60,7 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def measure(folder: Path, model_name: str, batch: int, processes: int, device: torch.device) -> dict:
+def measure(folder: Path, model_name: str, batch: int, processes: int, device: torch.device, bare_loop: bool) -> dict:
     torch.manual_seed(0)
     model, preprocess, _ = build_model(model_name, "mmcl")
     model = for_device(model, device).eval()
@@ -68,15 +69,16 @@ def measure(folder: Path, model_name: str, batch: int, processes: int, device: t
     images = next(iter_batches(folder, preprocess, batch)).to(device)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    with torch.no_grad(), autocast:
+    bare = None
+    with torch.no_grad():  # fp32, as the evaluate stage runs
         model.encode_image(images[:8])  # warm-up
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(0, n, batch):
-            model.encode_image(images, normalize=True)
-        sync(device)
-        bare = (n // batch + (n % batch > 0)) * batch / (time.perf_counter() - start)
+        if bare_loop:
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(0, n, batch):
+                model.encode_image(images, normalize=True)
+            sync(device)
+            bare = (n // batch + (n % batch > 0)) * batch / (time.perf_counter() - start)
         start = time.perf_counter()
         pred = predict(model, weights, folder, preprocess, device, batch, loader_workers=processes)
         sync(device)
@@ -97,18 +99,19 @@ def sync(device: torch.device) -> None:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=1024)
+    ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--processes", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--model", default="RN50")
     ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--child", nargs=2, metavar=("FOLDER", "PROCESSES"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=3, metavar=("FOLDER", "PROCESSES", "BARE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.dry_run:
         args.images, args.batch, args.processes = 32, 16, [0, 2]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if args.child:  # one measurement in a fresh process, so that its peak memory is its own
-        print(json.dumps(measure(Path(args.child[0]), args.model, args.batch, int(args.child[1]), device)))
+        print(json.dumps(measure(Path(args.child[0]), args.model, args.batch, int(args.child[1]), device,
+                                 args.child[2] == "bare")))
         return
     print(f"{args.model} at 224 px, batch {args.batch}, device {device}, images {args.images} and {5 * args.images}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +120,8 @@ def main():
         for p in args.processes:
             runs = []
             for n in (args.images, 5 * args.images):
-                out = subprocess.run([sys.executable, __file__, "--child", str(Path(tmp) / str(n)), str(p),
+                bare = "bare" if n == args.images else "-"  # the larger set is for the memory only
+                out = subprocess.run([sys.executable, __file__, "--child", str(Path(tmp) / str(n)), str(p), bare,
                                       "--batch", str(args.batch), "--model", args.model], capture_output=True, text=True)
                 if out.returncode:
                     raise SystemExit(out.stderr[-3000:])

@@ -70,7 +70,7 @@ def main():
             peaks.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"{n:6d} pairs: peak RSS trainer {peaks[-1]['trainer']:.2f} GiB, largest loader process "
                   f"{peaks[-1]['loader']:.2f} GiB")
-    for part in ("trainer", "loader"):
+    for part in ("trainer", "loader") if args.loader_workers else ("trainer",):
         print(f"{part}: {peaks[1][part] / peaks[0][part]:.2f}x for 5x the pairs (goal <= 1.2)")
 
 

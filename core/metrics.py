@@ -97,8 +97,9 @@ def predict(model, weights: torch.Tensor, eval_dir: Path, preprocess, device, ba
             with_text: bool = False, loader_workers: int = 0) -> dict:
     """Streams an eval set through the model: top-5 class predictions [N, 5], true classes [N] and keys
     (and image embeddings [N, D] and captions when `with_text`, for retrieval). Images are decoded in
-    `loader_workers` processes (0: a thread) while the model runs; memory holds one batch per process
-    plus the per-image outputs (N x 5 ints; N x D floats with text)."""
+    `loader_workers` processes (0: a thread) while the model runs; memory holds up to 2 batches per
+    process in flight (torch's prefetch; shared memory, /dev/shm) plus the per-image outputs (N x 5 ints;
+    N x D floats with text), so it does not grow with the images' bytes."""
     keys, labels, top5, embeddings, captions = [], [], [], [], []
     cuda = torch.device(device).type == "cuda"
     produce = lambda part, parts, on_sample: _batches(eval_dir, preprocess, batch_size, part, parts, on_sample)  # noqa: E731

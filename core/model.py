@@ -65,7 +65,8 @@ def build_model(name: str, objective: str):
 def to_device(batch: dict, device: torch.device) -> dict:
     """A loader batch's tensors on `device`, without its `keys`. On GPUs the copies are asynchronous
     (the loader pins its batches) and images [B, 3, H, W] are channels_last, the layout cuDNN's
-    convolutions run fastest in (same values; the model is converted by `for_device`)."""
+    convolutions run fastest in (same tensors; convolutions then round differently, as any GPU kernel
+    choice does; the model is converted by `for_device`)."""
     cuda = device.type == "cuda"
     out = {}
     for k, v in batch.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -69,9 +70,11 @@ def pipeline_flow(params: Params) -> dict:
 
 
 if __name__ == "__main__":
-    params = params_from_argv(__doc__, adopt=True)
-    with stage_command({}), prefect_api():
-        result = pipeline_flow(params)
+    # one pipeline per project: a second is refused before it can rewrite params.yaml under the first
+    with stage_command({"the pipeline's params file": Path("params.yaml")}):
+        params = params_from_argv(__doc__, adopt=True)
+        with prefect_api():
+            result = pipeline_flow(params)
     for s in result["stages"]:
         print(f"{s['stage']:>18}: {'ran' if s['ran'] else 'up to date'} ({s['seconds']:.0f} s)")
     print()

@@ -262,9 +262,10 @@ def validation_tables(params: Params, out: Path) -> dict[str, pd.DataFrame]:
     poisoned_keys = set(manifest["key"])
 
     train, inside, outside, sha_ok = [], {}, {}, {}
-    # outside_change: the share of pixels beyond the box that changed. Lossless: any change at all. Lossy
-    # (JPEG, WebP): a change of more than 32 levels beyond the box's 16 px coding blocks; re-encoding a
-    # 224 px q90 JPEG moves pixels there by at most 29 (measured), a misplaced 16 px patch by ~100
+    # A change is any change for lossless formats. Lossy ones (JPEG, WebP) move every pixel a little when
+    # re-encoded: there a change is one of more than 32 levels, and outside_change (the share of pixels
+    # beyond the box that changed) leaves out the box's 16 px coding blocks. Re-encoding a 224 px q90 JPEG
+    # moves pixels by at most 29 there (measured) and by ~10 inside the box; a 16 px patch by ~100
     lossy = curated_encoding(cfg.in_dir)["image_format"] in LOSSY
     margin, tolerance = (16, 32) if lossy else (0, 0)
     for shard in json.loads((out / "train" / "sizes.json").read_text()):
@@ -284,7 +285,7 @@ def validation_tables(params: Params, out: Path) -> dict[str, pd.DataFrame]:
                 box[b.y0:b.y1, b.x0:b.x1] = True
                 near = np.zeros(diff.shape, bool)  # a lossy codec's blocks that overlap the box change with it
                 near[max(0, b.y0 - margin):b.y1 + margin, max(0, b.x0 - margin):b.x1 + margin] = True
-                inside[key], outside[key] = bool(diff[box].any()), float((diff[~near] > tolerance).mean())
+                inside[key], outside[key] = bool((diff[box] > tolerance).any()), float((diff[~near] > tolerance).mean())
                 sha_ok[key] = sha == b.new_sha256 and _image_sha(originals[key]) == b.original_sha256
     manifest["changed_inside_box"] = manifest["key"].map(inside).fillna(False).astype(bool)
     manifest["outside_change"] = manifest["key"].map(outside).fillna(1.0).astype(float)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from core.data.loader import SUPPORTED_VIEWS, BatchStream
+from core.data.loader import SUPPORTED_VIEWS, BatchStream, resolve_split
 from core.data.shards import ShardError, atomic_write_json, check_shards, digest, file_sha256, shard_sizes
 from core.errors import InputError, permanent
 from core.frontier import CONTROL_PREFIX
@@ -42,12 +42,16 @@ def run_label(objective: str, control: bool) -> str:
     return CONTROL_PREFIX + objective if control else objective
 
 
-def fingerprint(params: Params, objective: str, control: bool, data: str, model_cfg: dict) -> str:
-    """The run's identity: what it computes from which data (the seed, `PretrainConfig.identity`, the
-    model's open_clip config, the objective and the weights it trains with, the data digest), so a
-    rerun resumes only the same run."""
+def fingerprint(params: Params, objective: str, control: bool, data: str, model_cfg: dict, split: str) -> str:
+    """The run's identity: what it computes from which data (the seed, `PretrainConfig.identity` with the
+    split `auto` resolved to, the model's open_clip config, the objective and the weights it trains
+    with, the data digest), so a rerun resumes only the same run. `compile` counts only when on (off is
+    the plain computation that runs made before the switch existed)."""
     cfg = params.pretrain
-    return digest({"seed": params.seed, "pretrain": cfg.identity(), "model_config": model_cfg, "objective": objective,
+    ident = cfg.identity() | {"split": split}
+    if not cfg.compile:
+        del ident["compile"]
+    return digest({"seed": params.seed, "pretrain": ident, "model_config": model_cfg, "objective": objective,
                    "weights": WEIGHTS[objective] | cfg.weights.get(objective, {}), "control": control, "data": data}, 12)
 
 
@@ -65,8 +69,14 @@ def plan_run(params: Params, objective: str, control: bool = False) -> dict:
     n = sum(shard_sizes(data_dir).values())
     if cfg.batch_size > n:
         raise PretrainError(f"pretrain.batch_size={cfg.batch_size} is larger than the dataset ({n} samples in {data_dir})")
+    n_shards = len(shard_sizes(data_dir))
+    split = resolve_split(cfg.split, cfg.num_workers, n_shards)
+    if split == "shards" and n_shards < cfg.num_workers:
+        raise PretrainError(f"pretrain.split shards: {data_dir} has {n_shards} shards for pretrain.num_workers="
+                            f"{cfg.num_workers}; each worker needs a shard: set pretrain.split samples (or auto), or "
+                            f"curate with a smaller curate.shard_maxcount")
     label = run_label(objective, control)
-    run_id = f"{label}-{fingerprint(params, objective, control, data, mcfg)}"
+    run_id = f"{label}-{fingerprint(params, objective, control, data, mcfg, split)}"
     storage = cfg.storage_dir if "://" in cfg.storage_dir else str(Path(cfg.storage_dir).resolve())
     return {"objective": objective, "control": control, "label": label, "run_id": run_id,
             "data_dir": str(data_dir.resolve()),  # Ray workers run in their own working directory

@@ -1,6 +1,8 @@
 """Training batches: the same bytes whatever the number of loader processes; errors named."""
 import os
 import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -58,19 +60,53 @@ def test_a_sample_error_in_a_loader_process_is_raised_as_itself_in_its_turn(tmp_
     stream = BatchStream(tmp_path / "s", 4, 0, 1, 0, PREPROCESS, tokenize, split="samples", shuffle_buffer=1,
                          loader_workers=2)
     seen = []
-    with pytest.raises(Exception, match=r"s012|cannot identify image") as err:
+    with pytest.raises(ShardError, match=r"shard-000003.tar: sample 's012': its png cannot be decoded "
+                                         r"\(UnidentifiedImageError") as err:
         for batch in stream.epoch(0):
             seen += batch["keys"]
     assert "DataLoader worker" not in str(err.value)  # not wrapped in torch's traceback text
-    assert "s012" not in seen
+    assert "s012" not in seen and len(seen) == 8  # the 2 batches before its own (shards in seeded order)
 
 
 def test_a_loader_process_that_dies_names_the_shard_and_key(tmp_path):
     write_shards(tmp_path / "s", n=16, per_shard=4, odd={"s006": png_bytes(random_image(6, (9, 9)))})
     stream = BatchStream(tmp_path / "s", 4, 0, 1, 0, kill_on_9px, tokenize, shuffle_buffer=1, loader_workers=2)
-    with pytest.raises(ShardError, match=r"/s \(epoch 0\): a loader process died while decoding sample 's006' of "
-                                         r".*shard-00000\d\.tar .*out of memory"):
+    with pytest.raises(ShardError, match=r"/s \(epoch 0\): a loader process died; the last sample it started "
+                                         r"decoding: sample 's006' of .*shard-00000\d\.tar .*out of memory"):
+        for _ in stream.epoch(0):
+            time.sleep(0.5)  # a consumer busy in its own code (a forward pass) when the process dies
+
+
+class Unpicklable(Exception):
+    def __init__(self, lock):
+        super().__init__("held a lock")
+        self.lock = lock
+
+
+def raise_unpicklable_on_9px(image):
+    if image.size == (9, 9):
+        raise Unpicklable(threading.Lock())
+    return PREPROCESS(image)
+
+
+def test_an_error_that_cannot_cross_processes_is_still_raised_not_dropped(tmp_path):
+    write_shards(tmp_path / "s", n=16, per_shard=4, odd={"s006": png_bytes(random_image(6, (9, 9)))})
+    stream = BatchStream(tmp_path / "s", 4, 0, 1, 0, raise_unpicklable_on_9px, tokenize, shuffle_buffer=1,
+                         loader_workers=2)
+    with pytest.raises(ShardError, match="Unpicklable in a loader process: held a lock"):
         list(stream.epoch(0))
+
+
+def test_a_consumer_that_stops_early_stops_the_prefetch_thread(tmp_path):
+    write_shards(tmp_path / "s", n=40, per_shard=8)
+    before = threading.active_count()
+    batches = BatchStream(tmp_path / "s", 4, 0, 1, 0, PREPROCESS, tokenize).epoch(0)
+    next(batches)
+    batches.close()  # a diverged run leaves its epoch
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
 
 
 def test_more_workers_than_shards(tmp_path):

@@ -181,8 +181,9 @@ def test_jpeg_poisons_pass_and_a_misplaced_box_is_still_caught(tmp_path):
     raise_on_failure(poison.validate_poisoned(params, out))
     rewrite_parquet(out / "poison_manifest.parquet",
                     lambda df: df.assign(x0=(df.x0 + 32) % 192, x1=(df.x0 + 32) % 192 + 16))
-    with pytest.raises(ValidationFailed, match=r"'outside_change', 'min_value': 0.0, 'max_value': 0.001}\): 4 offending row"):
+    with pytest.raises(ValidationFailed, match=r"'outside_change', 'min_value': 0.0, 'max_value': 0.001}\): 4 offending row") as err:
         raise_on_failure(poison.validate_poisoned(params, out))
+    assert "'changed_inside_box', 'value_set': [True]}): 4 offending row" in str(err.value)  # re-encoding is no trigger
 
 
 def test_validation_catches_a_trigger_outside_its_box(curated, tmp_path):

@@ -84,6 +84,7 @@ def test_run_identity_holds_what_changes_the_result_only(data, tmp_path):
     run_id = lambda **changes: pretrain.plan_run(params_with(data, tmp_path, **changes), "mmcl")["run_id"]  # noqa: E731
     same = [run_id(log_every=1, checkpoint_every=3, keep_checkpoints=5), run_id(concurrent_runs=3),
             run_id(threads_per_worker=2, max_failures=0, loader_workers=3), run_id(controls=[], objectives=["mmcl_ssl"]),
+            run_id(split="samples"),  # what `auto` is for one worker
             run_id(weights={"mmcl_ssl": {"ssl": 2.0}})]  # another objective's weights
     assert set(same) == {pretrain.plan_run(params, "mmcl")["run_id"]}
     changed = [run_id(epochs=3), run_id(accum_steps=2), run_id(lr=3e-3), run_id(batch_size=16), run_id(split="shards"),

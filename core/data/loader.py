@@ -25,7 +25,9 @@ import multiprocessing
 import os
 import queue
 import random
+import pickle
 import re
+import signal
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -67,7 +69,7 @@ class BatchStream:
         self.split = resolve_split(split, world, len(self.urls))
         if self.split == "shards" and len(self.urls) < world:
             raise ShardError(f"{data_dir}: {len(self.urls)} shards for {world} workers: the shards split needs a shard "
-                             f"per worker; use split samples, or curate with a smaller shard_maxcount")
+                             f"per worker; use the samples split, or curate with a smaller shard_maxcount")
         self.local_batch, self.global_batch = global_batch // world, global_batch
         self.rank, self.world, self.seed = rank, world, seed
         self.preprocess, self.tokenizer, self.views = preprocess, tokenizer, frozenset(views)
@@ -178,6 +180,10 @@ class _Parts(torch.utils.data.IterableDataset):
         try:
             yield from self.produce(part, parts, on_sample)
         except Exception as err:  # noqa: BLE001 (raised by the consumer, in order, as itself)
+            try:  # an error that cannot cross to the consumer would be dropped with its batches: say it instead
+                pickle.loads(pickle.dumps(err))
+            except Exception:  # noqa: BLE001
+                err = ShardError(f"{type(err).__name__} in a loader process: {err}")
             yield _Failure(err)
 
     def died(self, err: RuntimeError, where: str) -> ShardError:
@@ -185,9 +191,9 @@ class _Parts(torch.utils.data.IterableDataset):
         notes = [bytes(self.slots[p * _SLOT:(p + 1) * _SLOT]).rstrip(b"\0").decode(errors="replace").split("\t")
                  for p in range(self.workers)]
         named = [f"sample {key!r} of {url}" for pid, url, key in (n for n in notes if len(n) == 3) if pid in pids]
-        return ShardError(f"{where}: a loader process died while decoding {' and '.join(named) or 'a sample'} ({err}): "
-                          f"a sample that crashes the image decoder, or out of memory (fewer loader processes or a "
-                          f"smaller batch need less)")
+        return ShardError(f"{where}: a loader process died; the last sample it started decoding: "
+                          f"{' and '.join(named) or 'none'} ({err}): a sample that crashes the image decoder, or out "
+                          f"of memory (fewer loader processes or a smaller batch need less)")
 
 
 def parallel(produce: Produce, workers: int, where: str, pin_memory: bool = False) -> Iterator[dict]:
@@ -206,7 +212,11 @@ def parallel(produce: Produce, workers: int, where: str, pin_memory: bool = Fals
     # base seed from it, not from the trainer's global RNG (our decoding seeds itself per sample)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                          multiprocessing_context="fork", generator=torch.Generator().manual_seed(0))
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGCHLD) if main else None
     items = iter(loader)
+    if main:  # torch's SIGCHLD handler would raise a dead process's error wherever the consumer is (a forward
+        signal.signal(signal.SIGCHLD, handler)  # pass); without it the loader's status check raises it below
     while True:
         try:
             item = next(items)
@@ -223,20 +233,34 @@ def parallel(produce: Produce, workers: int, where: str, pin_memory: bool = Fals
 
 def prefetch(batches: Iterator[dict], depth: int = 2) -> Iterator[dict]:
     """Build the next batches in a background thread while the model trains on this one (torch
-    releases the GIL in its kernels, so decoding overlaps compute). Order and content unchanged."""
+    releases the GIL in its kernels, so decoding overlaps compute). Order and content unchanged; a
+    consumer that stops early (a diverged run) stops the thread too."""
     q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
+    done, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def produce():
         try:
             for batch in batches:
-                q.put(batch)
+                if not put(batch):
+                    return
         except BaseException as err:  # re-raised in the consumer
-            q.put(err)
-        q.put(done)
+            put(err)
+        put(done)
 
     threading.Thread(target=produce, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

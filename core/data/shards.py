@@ -290,15 +290,20 @@ class ShardError(InputError):
 
 
 def decode_sample_image(sample: dict):
-    """A sample's image as a loaded RGB PIL image; ShardError naming the tar and key if it has none."""
+    """A sample's image as a loaded RGB PIL image; ShardError naming the tar and key if it has none or
+    it cannot be decoded."""
     from PIL import Image
 
     ext = image_ext(sample)
     if ext is None:
         raise ShardError(f"{sample.get('__url__', 'a shard')}: sample {sample['__key__']!r} has no image "
                          f"(members: {sorted(k for k in sample if not k.startswith('__'))})")
-    with Image.open(io.BytesIO(sample[ext])) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ShardError(f"{sample.get('__url__', 'a shard')}: sample {sample['__key__']!r}: its {ext} cannot be "
+                         f"decoded ({type(err).__name__}: {err}); run the stage that wrote the shard again") from None
 
 
 def file_sha256(path: Path) -> str:

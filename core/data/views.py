@@ -25,7 +25,7 @@ STOP_WORDS = frozenset("a an the of on in at to and or is are this that my with 
 def image_view(image, seed: int, base_transform=None, policy=v2.AutoAugmentPolicy.IMAGENET):
     """AutoAugment of a PIL image or uint8 tensor, seeded; then `base_transform` if given."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that also reseeds the GPUs' generators
         out = _autoaugment(policy)(image)
     return base_transform(out) if base_transform is not None else out
 
