@@ -51,7 +51,7 @@ def fingerprint(params: Params, objective: str, control: bool, data: str, model_
     ident = cfg.identity() | {"split": split}
     if not cfg.compile:
         del ident["compile"]
-    return digest({"seed": params.seed, "pretrain": ident, "model_config": model_cfg, "objective": objective,
+    return digest({"seed": params.training_seed, "pretrain": ident, "model_config": model_cfg, "objective": objective,
                    "weights": WEIGHTS[objective] | cfg.weights.get(objective, {}), "control": control, "data": data}, 12)
 
 
@@ -213,13 +213,13 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
-    torch.manual_seed(params.seed)
+    torch.manual_seed(params.training_seed)
     model, preprocess, tokenizer = build_model(cfg.model, run["objective"])
     device = ray.train.torch.get_device()
     model = for_device(model, device)  # before the optimiser, so that resumed optimiser state lands beside its weights
     objective = get_objective(run["objective"], **cfg.weights.get(run["objective"], {}))
     # accum_steps micro-batches make one optimiser step's global batch of batch_size samples
-    stream = BatchStream(Path(run["data_dir"]), cfg.batch_size // cfg.accum_steps, rank, world, params.seed, preprocess,
+    stream = BatchStream(Path(run["data_dir"]), cfg.batch_size // cfg.accum_steps, rank, world, params.training_seed, preprocess,
                          tokenizer, objective.views, cfg.split, cfg.shuffle_buffer, cfg.loader_workers,
                          pin_memory=device.type == "cuda")
     steps_per_epoch = run["steps_per_epoch"]
@@ -363,21 +363,20 @@ def train(params: Params, objective: str, control: bool = False) -> dict:
 
 
 def export(params: Params, run: dict, checkpoint, seconds: float, use_gpu: bool) -> dict:
-    """The final model as a plain state_dict + config, the last checkpoint, the log and metrics.json."""
+    """The final model as a plain state_dict + config, the log and metrics.json."""
     out = Path(run["out_dir"])
     partial = Path(f"{out}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    # The optimiser state stays in the run's storage (resume); the export is the model (a third of the bytes).
     with checkpoint.as_directory() as d:
-        shutil.copytree(d, partial / "checkpoint")
-    state = torch.load(partial / "checkpoint" / "state.pt", weights_only=True, map_location="cpu")
+        state = torch.load(Path(d) / "state.pt", weights_only=True, map_location="cpu")
+        shutil.copyfile(Path(d) / "train_log.jsonl", partial / "train_log.jsonl")
     torch.save(state["model"], partial / "model.pt")
     atomic_write_json(partial / "model_config.json", {"model": params.pretrain.model, "objective": run["objective"],
                                                       "open_clip_config": run["model_config"],
                                                       "sha256": {"model.pt": file_sha256(partial / "model.pt")}})
-    log = partial / "checkpoint" / "train_log.jsonl"
-    shutil.copyfile(log, partial / "train_log.jsonl")
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    records = [json.loads(line) for line in (partial / "train_log.jsonl").read_text().splitlines()]
     rates = [r["samples_per_s"] for r in records if "samples_per_s" in r]
     metrics = {"objective": run["objective"], "control": run["control"], "model": params.pretrain.model,
                "steps": state["step"], "epochs": params.pretrain.epochs, "final_loss": records[-1]["loss"],

@@ -54,8 +54,8 @@ def test_two_workers_train_checkpoint_and_export(data, tmp_path):
     state = torch.load(out / "model.pt", weights_only=True)
     model, _, _ = build_model("vit-tiny", "mmcl_ssl")
     model.load_state_dict(state)
-    checkpoint = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
-    assert checkpoint["step"] == 18 and {"optimizer", "scheduler", "model"} <= checkpoint.keys()
+    # the optimiser state stays in the run's storage; the export holds the model only
+    assert not (out / "checkpoint").exists() and max(complete_checkpoints(tmp_path / "ray")) == 18
     assert json.loads((out / "model_config.json").read_text())["open_clip_config"]["vision_cfg"]["patch_size"] == 8
     assert json.loads((out / "metrics.json").read_text())["final_loss"] == log[-1]["loss"]
 
