@@ -14,7 +14,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run test bench clean-staging
+.PHONY: setup run study test bench clean-staging
 
 setup: $(VENV)/.installed .dvc/config
 
@@ -29,6 +29,9 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup
 	python -m flows.pipeline
+
+study: setup
+	python -m flows.study
 
 test: setup
 	python -m pytest

@@ -16,11 +16,17 @@ def is_control(model: str) -> bool:
     return model.startswith(CONTROL_PREFIX)
 
 
-def control_of(pretrained: dict, model: str) -> dict | None:
+def control_name(pretrained: dict, model: str) -> str | None:
     """The unpoisoned control to compare a poisoned model with: its own objective's, else MMCL's; none for a control."""
     if is_control(model):
         return None
-    return pretrained.get(CONTROL_PREFIX + model) or pretrained.get(CONTROL_PREFIX + "mmcl")
+    return next((c for c in (CONTROL_PREFIX + model, CONTROL_PREFIX + "mmcl") if pretrained.get(c)), None)
+
+
+def control_of(pretrained: dict, model: str) -> dict | None:
+    """`control_name`'s metrics."""
+    name = control_name(pretrained, model)
+    return pretrained[name] if name else None
 
 
 def _point(p: dict | None) -> dict | None:

@@ -196,7 +196,7 @@ def flat(metrics: dict) -> dict:
     """The headline numbers of `core.metrics.evaluate`'s output."""
     zs = metrics["zero_shot"]
     out = {"accuracy": zs["top1"], "top5": zs["top5"], "chance": zs["chance"], "top_class_share": zs["top_class_share"],
-           "collapsed": zs["collapsed"]}
+           "collapsed": zs["collapsed"], "n": zs["n"]}  # n, n_asr: the images behind each rate (sampling error)
     if "attack" in metrics:
-        out |= {k: metrics["attack"][k] for k in ("asr", "asr_top5", "clean_target_rate", "asr_excess")}
+        out |= {k: metrics["attack"][k] for k in ("asr", "asr_top5", "clean_target_rate", "asr_excess", "n_asr")}
     return out | metrics.get("retrieval", {})

@@ -30,11 +30,13 @@ class StageInputError(InputError):
 
 @task(name="dvc-repro", retries=1, retry_delay_seconds=10, retry_condition_fn=worth_retrying,
       task_run_name="dvc-repro-{stage}")
-def repro(stage: str) -> dict:
-    """`dvc repro` one stage (a foreach/matrix group runs all its items), its output streamed to the log."""
+def repro(stage: str, cwd: str | None = None) -> dict:
+    """`dvc repro` one stage (a foreach/matrix group runs all its items) in the DVC project `cwd` (default:
+    here), its output streamed to the log."""
     logger = get_run_logger()
     started, lines = time.time(), []
-    with subprocess.Popen(["dvc", "repro", stage], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(["dvc", "repro", stage], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as proc:
         for line in proc.stdout:
             lines.append(line.rstrip())
             if line.strip():
@@ -46,7 +48,8 @@ def repro(stage: str) -> dict:
         tail = "\n".join(lines[-40:])
         raise RuntimeError(f"dvc repro {stage} failed (exit {proc.returncode}):\n{tail}")
     ran = any(line.startswith("Running stage") for line in lines)
-    return {"stage": stage, "ran": ran, "seconds": round(time.time() - started, 1)}
+    cached = any("is cached - skipping run" in line for line in lines)  # DVC's run-cache: outputs checked out
+    return {"stage": stage, "ran": ran, "cached": cached, "seconds": round(time.time() - started, 1)}
 
 
 @task(name="study-summary")

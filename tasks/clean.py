@@ -101,7 +101,7 @@ def run_identity(params: Params, model: str, defence: str, lr: float) -> str:
     rate, and the digests of the cleaning data and eval sets (with their target). Not: the runner,
     threads, evaluation batch size, or the other learning rates of the sweep."""
     cfg = clean_config(params)
-    return digest({"seed": params.seed, "clean": cfg.identity(), "model": model, "defence": defence, "lr": lr,
+    return digest({"seed": params.training_seed, "clean": cfg.identity(), "model": model, "defence": defence, "lr": lr,
                    "checkpoint": exported_sha256(checkpoint_of(params, model)),
                    "options": OPTIONS[defence] | cfg.defence_options.get(defence, {}),
                    "data": check_shards(cfg.data_dir, "clean.data_dir"),
@@ -130,10 +130,10 @@ def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> 
     meta = json.loads((checkpoint_of(params, model_name).parent / "model_config.json").read_text())
     model = for_device(model, device)
     points = [{"epoch": 0, "lr": lr, **_measure(params, model, preprocess, tokenizer, device)}]
-    torch.manual_seed(params.seed)
+    torch.manual_seed(params.training_seed)
     fresh, _, _ = build_model(meta["model"], meta["objective"])
     defence.prepare(model, for_device(fresh, device))
-    stream = BatchStream(cfg.data_dir, cfg.batch_size, 0, 1, params.seed, preprocess, tokenizer, objective.views,
+    stream = BatchStream(cfg.data_dir, cfg.batch_size, 0, 1, params.training_seed, preprocess, tokenizer, objective.views,
                          loader_workers=cfg.loader_workers, pin_memory=device.type == "cuda")
     total = cfg.epochs * stream.steps_per_epoch
     optimizer = make_optimizer(model, lr, cfg.weight_decay, is_vit(meta["open_clip_config"]))

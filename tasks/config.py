@@ -406,14 +406,58 @@ class ScheduleConfig(Strict):
     cron: Annotated[str, Field(min_length=9)] = "0 3 * * 1"  # when `python -m flows.deploy` runs the pipeline
 
 
+class StudyConfig(Strict):
+    """The study as a grid (flows/study.py): one member per (axis values, data seed, training seed), each a
+    pipeline run in a DVC project of its own under `dir`; statistics over the seeds (tasks/study.py)."""
+
+    dir: Path = Path("data/study")  # members/<name>/ (workspaces), study.json, report.md and figures
+    seeds: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)] = [0, 1, 2]  # train_seed values
+    data_seeds: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)] = [0]  # seed values
+    axes: dict[str, Annotated[list, Field(min_length=1)]] = {}  # params key -> values, e.g. {poison.count: [100, 1000]}
+    concurrent: Annotated[StrictInt, Field(ge=1)] = 1  # members running a stage at once
+    defence: Annotated[str, Field(min_length=1)] = "cleanclip"  # the cleaning the contrast is read from
+    contrast: tuple[str, str] = ("mmcl_ssl", "mmcl")  # objectives a, b: the paired statistic is a - b
+    accuracy_drop: Literal[0.01, 0.02, 0.03] = 0.03  # residual ASR: the lowest within this accuracy loss
+
+    @field_validator("seeds", "data_seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds repeat: {seeds}")
+        return seeds
+
+    @field_validator("axes")
+    @classmethod
+    def _known_keys(cls, axes: dict) -> dict:
+        for key in axes:
+            section, _, field = key.partition(".")
+            if key in ("seed", "train_seed") or section == "study":
+                raise ValueError(f"{key}: use study.seeds / study.data_seeds for seeds; the study's own keys are not axes")
+            annotation = Params.model_fields[section].annotation if section in Params.model_fields else None
+            model = next((a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)
+                          and issubclass(a, Section)), None)
+            if model is None or field.split(".")[0] not in model.model_fields:
+                raise ValueError(f"{key}: not a params key (section.field[.subfield], e.g. poison.count)")
+            if field.split(".")[0] in model.PATHS:
+                raise ValueError(f"{key}: a folder; each member has its own workspace")
+        return axes
+
+
 class Params(Strict):
-    seed: Annotated[StrictInt, Field(ge=0)] = 0
+    seed: Annotated[StrictInt, Field(ge=0)] = 0  # the data seed: corpus, poison choice and triggers, cleaning subset
+    train_seed: Annotated[StrictInt, Field(ge=0)] | None = None  # init, data order, augmentations (pretrain, clean); null: seed
     curate: CurateConfig
     poison: PoisonConfig | None = None
     pretrain: PretrainConfig | None = None
     clean: CleanConfig | None = None
     evaluate: EvaluateConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()
+    study: StudyConfig = StudyConfig()
+
+    @property
+    def training_seed(self) -> int:
+        """The seed of pretrain and clean: train_seed, else the one seed."""
+        return self.seed if self.train_seed is None else self.train_seed
 
 
 def require_section(params: "Params", name: str, error: type[Exception] = ValueError):

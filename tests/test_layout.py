@@ -96,8 +96,9 @@ def test_stage_params_are_the_settings_that_change_results():
     for name, stage in stages.items():
         annotation = Params.model_fields[name].annotation
         section = next(a for a in getattr(annotation, "__args__", (annotation,)) if a is not type(None))  # X | None
-        uses_seed = "params.seed" in (REPO / "tasks" / f"{name}.py").read_text()
-        expected = {f"{name}.{f}" for f in section.dvc_params()} | ({"seed"} if uses_seed else set())
+        code = (REPO / "tasks" / f"{name}.py").read_text()
+        seeds = ({"seed"} if "params.seed" in code else set()) | ({"seed", "train_seed"} if "params.training_seed" in code else set())
+        expected = {f"{name}.{f}" for f in section.dvc_params()} | seeds
         assert set(stage.get("params", [])) == expected, name
         assert not any(k.endswith(("runner", "threads_per_worker", "log_every")) for k in stage.get("params", []))
 

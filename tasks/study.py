@@ -1,0 +1,411 @@
+"""The study as a grid: its members (axis values x data seeds x training seeds), each member's workspace,
+and the statistics over the members' metrics (core/stats.py) with the report that answers the question.
+
+A member's workspace is a DVC project of its own (`dvc init --no-scm`) holding a copy of the code, dvc.yaml
+and the member's params.yaml: `dvc repro` there runs the real pipeline and its dvc.lock is the member's
+lineage. Every member uses this project's DVC cache, so DVC's run-cache hands the outputs of a stage that an
+earlier member ran with the same inputs and params (curated and poisoned data across training seeds) to
+the next member without running it.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from core.data.shards import atomic_write_bytes, atomic_write_json
+from core.errors import InputError
+from core.frontier import control_name, is_control
+from core.stats import binomial_interval, eval_size_for, mean_interval, paired_contrast, seeds_for
+from tasks.config import ConfigError, Params, dump_params, parse_params
+from tasks.report import markdown_table, pct
+
+STAGES = ["curate", "poison", "pretrain", "clean", "evaluate"]
+CODE = ("flows", "tasks", "core", "objectives", "defences", "models", "expectations")
+FILES = ("dvc.yaml", ".dvcignore")
+HEADLINE = ("accuracy", "asr", "clean_target_rate")
+
+
+class StudyError(InputError):
+    """A study that cannot run as configured (a member's params invalid, a member's results missing)."""
+
+
+def _set(raw: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        if not isinstance(node.get(part), dict):
+            raise StudyError(f"study.axes: {key}: params has no `{'.'.join(parents[:i + 1])}` section to set it in")
+        node = node[part]
+    node[last] = value
+
+
+def _label(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ""))
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "x"
+
+
+def plan(params: Params) -> list[dict]:
+    """The study's members in a fixed order: [{name, setting: {axis key: value}, data_seed, seed, params}].
+
+    A member's params are this project's with the axis values set, `seed` = its data seed and `train_seed` =
+    its training seed. Raises StudyError naming the member and the key when a member's params are invalid."""
+    cfg = params.study
+    raw = params.model_dump(mode="json")
+    raw.pop("study")
+    members = []
+    for values in itertools.product(*cfg.axes.values()):
+        setting = dict(zip(cfg.axes, values))
+        for data_seed, seed in itertools.product(cfg.data_seeds, cfg.seeds):
+            name = "_".join([f"{k}={_label(v)}" for k, v in setting.items()] + [f"data{data_seed}-train{seed}"])
+            member = copy.deepcopy(raw) | {"seed": data_seed, "train_seed": seed}
+            for key, value in setting.items():
+                _set(member, key, value)
+            try:
+                member_params = parse_params(member, origin=f"study member {name}")
+            except ConfigError as err:
+                raise StudyError(str(err)) from None
+            members.append({"name": name, "setting": setting, "data_seed": data_seed, "seed": seed,
+                            "params": member_params})
+    return members
+
+
+def workspace(cfg, name: str) -> Path:
+    return cfg.dir / "members" / name
+
+
+def prepare(member: dict, study_dir: Path, project: Path) -> Path:
+    """Create or refresh a member's workspace under `study_dir`/members/: this project's code and dvc.yaml
+    (copied, so a code change shows in the member's `dvc status` as in this project's), the member's
+    params.yaml, and a DVC project whose cache is `project`/.dvc/cache. Returns the workspace."""
+    ws = study_dir / "members" / member["name"]
+    ws.mkdir(parents=True, exist_ok=True)
+    for name in CODE:
+        shutil.rmtree(ws / name, ignore_errors=True)
+        shutil.copytree(project / name, ws / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in FILES:
+        shutil.copy2(project / name, ws / name)
+    if not (ws / ".dvc" / "config").exists():
+        for cmd in (["init", "--no-scm", "-q"], ["config", "cache.dir", str((project / ".dvc" / "cache").resolve())],
+                    ["config", "cache.type", "reflink,hardlink,copy"]):
+            subprocess.run(["dvc", *cmd], cwd=ws, check=True, capture_output=True)
+    dump_params(member["params"], ws / "params.yaml")
+    return ws
+
+
+def stage_key(member: dict, stage: str, dvc_stages: dict) -> str:
+    """What DVC's run-cache keys `stage` on, as far as params go: the params of the stage and of every stage
+    before it (dvc.yaml), with the member's values. Members with the same key share the stage's outputs."""
+    raw = member["params"].model_dump(mode="json")
+    values = {}
+    for name in STAGES[:STAGES.index(stage) + 1]:
+        for key in dvc_stages[name].get("params", []):
+            node = raw
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            values[key] = node
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def waves(members: list[dict], stage: str, dvc_stages: dict) -> list[list[dict]]:
+    """The members in two waves for `stage`: the first member of each stage key, then the rest (whose
+    `dvc repro` finds the first's outputs in the run-cache instead of computing them again)."""
+    first, rest, seen = [], [], set()
+    for m in members:
+        key = stage_key(m, stage, dvc_stages)
+        (rest if key in seen else first).append(m)
+        seen.add(key)
+    return [w for w in (first, rest) if w]
+
+
+def collect(member: dict, ws: Path) -> dict:
+    """A member's results from its workspace: pretrain.json, frontier.json and the sweeps' points."""
+    p = member["params"]
+    metrics = ws / p.evaluate.metrics_dir
+    try:
+        pretrained = json.loads((metrics / "pretrain.json").read_text())
+        cells = json.loads((metrics / "frontier.json").read_text())
+    except FileNotFoundError as err:
+        raise StudyError(f"study member {member['name']}: {err.filename} missing (its evaluate stage has not run)") from None
+    sweeps = {f"{f.parent.parent.name}/{f.parent.name}": json.loads(f.read_text())["points"]
+              for f in sorted((ws / p.clean.out_dir).glob("*/*/sweep.json"))}
+    return {"pretrained": pretrained, "cells": cells, "sweeps": sweeps}
+
+
+def residual(cell: dict | None, drop: float) -> float | None:
+    """Residual ASR at matched accuracy: the lowest ASR among the cleaned points within `drop` of the
+    poisoned model's accuracy, or the poisoned model's own ASR (not cleaning is always within) when lower."""
+    if cell is None:
+        return None
+    point = cell["lowest_asr_within_accuracy_drop"].get(f"{drop:g}")
+    return min(cell["poisoned"]["asr"], point["asr"] if point else 1.0)
+
+
+def net_residual(result: dict, model: str, defence: str, drop: float) -> float | None:
+    """A model's residual ASR minus that of its unpoisoned control cleaned the same way (the trigger's floor)."""
+    control = control_name(result["pretrained"], model)
+    if control is None:
+        return None
+    own = residual(result["cells"].get(f"{model}/{defence}"), drop)
+    floor = residual(result["cells"].get(f"{control}/{defence}"), drop)
+    return None if own is None or floor is None else own - floor
+
+
+def _with_eval_error(value: float, n: int | None) -> dict:
+    low, high = binomial_interval(value, n) if n else (None, None)
+    return {"value": value, "eval_low": low, "eval_high": high, "n": n}
+
+
+def aggregate(members: list[dict], cfg) -> dict:
+    """The study's statistics from `members` ([{setting, data_seed, seed, result (collect's)}]) and the
+    study config (`defence`, `contrast`, `accuracy_drop`): per setting, each model's headline metrics and
+    each cleaned cell's residual ASR as the mean and 95% t interval over the seeds with each seed's binomial
+    (eval sampling) interval; and the paired contrast of `contrast[0]` minus `contrast[1]` in net residual
+    ASR (core.stats.paired_contrast). Rates are fractions."""
+    a, b = cfg.contrast
+    settings = {}
+    for m in members:
+        settings.setdefault(json.dumps(m["setting"], sort_keys=True), []).append(m)
+    out = []
+    for key, group in settings.items():
+        models = sorted({name for m in group for name in m["result"]["pretrained"]})
+        per_model = {}
+        for name in models:
+            rows = [m["result"]["pretrained"][name] for m in group if name in m["result"]["pretrained"]]
+            entry = {}
+            for metric in HEADLINE:
+                values = [r[metric] for r in rows if r.get(metric) is not None]
+                if not values:
+                    continue
+                n_key = "n" if metric == "accuracy" else "n_asr"
+                entry[metric] = mean_interval(values) | {
+                    "seeds": [_with_eval_error(r[metric], r.get(n_key)) for r in rows if r.get(metric) is not None]}
+            per_model[name] = entry
+        cleaned = {}
+        for name in models:
+            values = [residual(m["result"]["cells"].get(f"{name}/{cfg.defence}"), cfg.accuracy_drop) for m in group]
+            values = [v for v in values if v is not None]
+            if not values:
+                continue
+            nets = [v for v in (net_residual(m["result"], name, cfg.defence, cfg.accuracy_drop) for m in group)
+                    if v is not None]
+            cleaned[name] = {"residual_asr": mean_interval(values) | {"seeds": values},
+                             "net_residual_asr": (mean_interval(nets) | {"seeds": nets}) if nets else None}
+        pairs = [(net_residual(m["result"], a, cfg.defence, cfg.accuracy_drop),
+                  net_residual(m["result"], b, cfg.defence, cfg.accuracy_drop)) for m in group]
+        pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+        contrast = paired_contrast(*zip(*pairs)) if pairs else None
+        n_asr = max((r.get("n_asr") or 0 for m in group for r in m["result"]["pretrained"].values()), default=0)
+        out.append({"setting": group[0]["setting"], "replicates": [(m["data_seed"], m["seed"]) for m in group],
+                    "models": per_model, "cleaned": cleaned, "contrast": contrast, "n_asr": n_asr})
+    return {"defence": cfg.defence, "contrast": [a, b], "accuracy_drop": cfg.accuracy_drop, "settings": out}
+
+
+def _ci(stat: dict | None) -> str:
+    if stat is None:
+        return "-"
+    if stat["low"] is None:
+        return f"{pct(stat['mean'])} (1 seed)"
+    return f"{pct(stat['mean'])} [{pct(stat['low'])}, {pct(stat['high'])}]"
+
+
+def _setting_name(setting: dict) -> str:
+    return ", ".join(f"{k} = {v}" for k, v in setting.items()) or "the default setting"
+
+
+def answer(study: dict) -> str:
+    """The report's section "Does backdoor mitigation depend on the pre-training objective here?", from the
+    numbers: the contrast with its interval and tests, the control's floor, the eval's sampling error, and
+    what would make it decisive."""
+    a, b = study["contrast"]
+    drop = pct(study["accuracy_drop"])
+    lines = ["## Does backdoor mitigation depend on the pre-training objective here?", "",
+             f"The contrast: residual ASR after {study['defence']} (the lowest ASR within {drop} points of the "
+             f"poisoned model's accuracy, or the poisoned ASR when no cleaned point stays that close), net of the "
+             f"unpoisoned control cleaned the same way, of {a} minus {b}, paired seed by seed. Positive: {a} keeps "
+             f"more of its backdoor.", ""]
+    for s in study["settings"]:
+        c = s["contrast"]
+        lines.append(f"**{_setting_name(s['setting'])}** ({len(s['replicates'])} seeds):")
+        if c is None:
+            lines += [f"- no contrast: {a} or {b}, or their control, was not cleaned with {study['defence']}", ""]
+            continue
+        cleaned = s["cleaned"]
+        floor = [cleaned[m]["residual_asr"] for m in cleaned if is_control(m)]
+        half = (binomial_interval(0.5, s["n_asr"])[1] - 0.5) if s["n_asr"] else None
+        interval = "" if c["low"] is None else f", 95% CI [{pct(c['low'])}, {pct(c['high'])}]"
+        lines.append(f"- {a} - {b}: {pct(c['mean'])} points{interval}; per seed "
+                     f"{', '.join(pct(d) for d in c['differences'])}; {c['positive']} of {c['n']} seeds positive, "
+                     f"sign test p = {c['sign_test_p']:.3g}, sign-flip permutation p = {c['permutation_p']:.3g} "
+                     f"(the smallest p {c['n']} seeds allow: {c['smallest_p']:.3g}).")
+        for m in (a, b):
+            net = cleaned.get(m, {}).get("net_residual_asr")
+            if net:
+                over_seeds = net["low"] is not None and net["low"] > 0
+                over_eval = half is None or net["mean"] > half * 2 ** 0.5
+                said = ("above the control's floor, beyond the seeds' spread and the eval's sampling error"
+                        if over_seeds and over_eval else "not clearly above the control's floor: within "
+                        + " and ".join(["the seeds' spread"] * (not over_seeds) + ["the eval's sampling error"] * (not over_eval)))
+                lines.append(f"- {m}: net residual ASR {_ci(net)}: {said}.")
+        if floor:
+            lines.append(f"- The floor (the control, cleaned): residual ASR {_ci(floor[0])}, the trigger's own effect.")
+        if half is not None:
+            lines.append(f"- The eval's own sampling error: +-{pct(half)} points on one ASR of {s['n_asr']} triggered "
+                         f"images (95% Wilson, at 50%), +-{pct(half * 2 ** 0.5)} on a difference of two.")
+        decisive = c["low"] is not None and (c["low"] > 0 or c["high"] < 0) and c["sign_test_p"] < 0.05
+        if decisive:
+            verdict = "Yes, here: the interval excludes 0 and the sign test is below 0.05."
+        else:
+            needs = [f"at least {seeds_for(0.05)} seeds (an exact two-sided test cannot reach p < 0.05 with "
+                     f"fewer)" if c["smallest_p"] >= 0.05 else "more seeds (the interval spans 0 or the test is above 0.05)"]
+            if half is not None and abs(c["mean"]) < half * 2 ** 0.5:
+                needs.append(f"more eval images (the mean contrast is within one difference's sampling error; "
+                             f"+-2 points needs {eval_size_for(0.02)} triggered images)")
+            needs.append("the study's scale (CC3M, 64 epochs) to say anything about it")
+            verdict = "Not decisively. What would make it decisive: " + "; ".join(needs) + "."
+        lines += [f"- {verdict}", ""]
+    lines += ["What this shows and does not: the intervals cover the seeds' spread (training seeds, and data seeds "
+              "where the study varies them) and each figure's eval sampling error; they say nothing about other "
+              "data, models, scales or triggers, and a contrast at this toy scale is not the paper's result.", ""]
+    return "\n".join(lines)
+
+
+def model_rows(study: dict) -> list[dict]:
+    rows = []
+    for s in study["settings"]:
+        for name, entry in s["models"].items():
+            cleaned = s["cleaned"].get(name, {})
+            rows.append({"setting": _setting_name(s["setting"]), "model": name,
+                         "accuracy": _ci(entry.get("accuracy")), "ASR": _ci(entry.get("asr")),
+                         "clean target rate": _ci(entry.get("clean_target_rate")),
+                         f"residual ASR ({study['defence']})": _ci(cleaned.get("residual_asr")),
+                         "net of control": _ci(cleaned.get("net_residual_asr"))})
+    return rows
+
+
+def dose_response(study: dict, axis: str) -> list[dict]:
+    """ASR and net residual ASR against the values of `axis` (e.g. poison.count), per model: the rows of
+    the dose-response figure (means and 95% t intervals over seeds)."""
+    rows = []
+    for s in study["settings"]:
+        if axis not in s["setting"]:
+            continue
+        for name, entry in s["models"].items():
+            if is_control(name) or "asr" not in entry:
+                continue
+            net = s["cleaned"].get(name, {}).get("net_residual_asr")
+            rows.append({"x": s["setting"][axis], "model": name, "asr": entry["asr"], "net_residual_asr": net,
+                         "other": {k: v for k, v in s["setting"].items() if k != axis}})
+    return sorted(rows, key=lambda r: (r["model"], json.dumps(r["other"], sort_keys=True), r["x"]))
+
+
+def _curve(points: list[dict], poisoned: dict, drops) -> list[float]:
+    """Lowest ASR within each accuracy drop (the poisoned point included): one seed's frontier."""
+    out = []
+    for d in drops:
+        ok = [p["asr"] for p in points if p["accuracy"] >= poisoned["accuracy"] - d - 1e-12 and not p.get("collapsed")]
+        out.append(min([poisoned["asr"], *ok]))
+    return out
+
+
+def figures(study: dict, members: list[dict], out: Path) -> list[str]:
+    """frontier.png: per cleaned model, every seed's swept points and the mean frontier (lowest ASR within
+    each accuracy drop, averaged over seeds); dose_response.png when an axis is poison.count or poison.rate
+    (log x, 95% bands). Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    defence, drops = study["defence"], np.linspace(0, 0.2, 21)
+    settings = [s["setting"] for s in study["settings"]]
+    names = sorted({k.split("/")[0] for m in members for k in m["result"]["sweeps"] if k.endswith("/" + defence)})
+    if names:
+        fig, axes = plt.subplots(len(settings), len(names), figsize=(4 * len(names), 3.4 * len(settings)),
+                                 squeeze=False, sharex=True, sharey=True)
+        for row, setting in enumerate(settings):
+            group = [m for m in members if m["setting"] == setting]
+            for col, name in enumerate(names):
+                ax, curves, accs = axes[row][col], [], []
+                for m in group:
+                    points, poisoned = m["result"]["sweeps"].get(f"{name}/{defence}"), m["result"]["pretrained"].get(name)
+                    if points is None or poisoned is None:
+                        continue
+                    ax.scatter([p["asr"] * 100 for p in points], [p["accuracy"] * 100 for p in points], s=10, alpha=0.35)
+                    ax.scatter([poisoned["asr"] * 100], [poisoned["accuracy"] * 100], marker="x", color="k", s=20)
+                    curves.append(_curve(points, poisoned, drops))
+                    accs.append(poisoned["accuracy"])
+                if curves:
+                    ax.plot(np.mean(curves, axis=0) * 100, (np.mean(accs) - drops) * 100, color="k",
+                            label=f"mean frontier, {len(curves)} seeds")
+                    ax.legend(fontsize=7)
+                ax.set_title(f"{name} ({_setting_name(setting)})", fontsize=8)
+                ax.set_xlabel("ASR (%)")
+                ax.set_ylabel("zero-shot top-1 (%)")
+        fig.tight_layout()
+        fig.savefig(out / "frontier.png", dpi=110)
+        plt.close(fig)
+        written.append("frontier.png")
+    axis = next((k for k in ("poison.count", "poison.rate") if any(k in s for s in settings)), None)
+    rows = dose_response(study, axis) if axis else []
+    if rows:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (name, other), series in itertools.groupby(rows, key=lambda r: (r["model"], json.dumps(r["other"]))):
+            series = list(series)
+            x = [r["x"] for r in series]
+            for metric, style in (("asr", "-"), ("net_residual_asr", "--")):
+                stats = [r[metric] for r in series]
+                if any(s is None for s in stats):
+                    continue
+                mean = [s["mean"] * 100 for s in stats]
+                label = f"{name}{'' if other == '{}' else ' ' + other}: {'ASR' if metric == 'asr' else 'net residual ASR'}"
+                line, = ax.plot(x, mean, style, marker="o", label=label)
+                if all(s["low"] is not None for s in stats):
+                    ax.fill_between(x, [s["low"] * 100 for s in stats], [s["high"] * 100 for s in stats],
+                                    color=line.get_color(), alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xlabel(axis)
+        ax.set_ylabel("%")
+        ax.set_title("dose-response (mean, 95% CI over seeds)", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "dose_response.png", dpi=110)
+        plt.close(fig)
+        written.append("dose_response.png")
+    return written
+
+
+def write_outputs(study: dict, members: list[dict], out: Path) -> Path:
+    """study.json, the report (report.md) and its figures in `out`, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "study.json", study | {"members": [
+        {k: m[k] for k in ("name", "setting", "data_seed", "seed")} for m in members]})
+    images = figures(study, members, out)
+    n = len(members)
+    text = ["# The study", "",
+            f"{n} pipeline runs: {len(study['settings'])} setting(s) x "
+            f"{n // max(1, len(study['settings']))} seeds (data seed, training seed: "
+            f"{', '.join(f'{d}/{s}' for d, s in study['settings'][0]['replicates'])}). Rates in %, as the mean over "
+            "seeds with its 95% t interval; each seed's own eval sampling error is in study.json.", "",
+            answer(study), "## Models and cleaning", "", markdown_table(model_rows(study))]
+    text += [f"![{i}]({i})\n" for i in images]
+    axis = next((k for k in ("poison.count", "poison.rate") if any(k in s["setting"] for s in study["settings"])), None)
+    if axis:
+        text += ["## Dose-response", "", markdown_table([
+            {axis: r["x"], "model": r["model"], "ASR": _ci(r["asr"]), "net residual ASR": _ci(r["net_residual_asr"])}
+            for r in dose_response(study, axis)])]
+    atomic_write_bytes(out / "report.md", "\n".join(text).encode())
+    return out / "report.md"
+
+
+def read_dvc_stages(project: Path) -> dict:
+    return yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
