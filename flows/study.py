@@ -43,11 +43,7 @@ def report(params: Params, members: list[dict]) -> dict:
         m["result"] = study.collect(m, Path(m["workspace"]))
     summary = study.aggregate(members, params.study)
     path = study.write_outputs(summary, members, params.study.dir)
-    verdict = study.answer(summary)
-    create_table_artifact(key="study-grid", table=study.model_rows(summary),
-                          description=f"the study: {len(members)} members, mean [95% CI] over seeds (%)")
-    create_markdown_artifact(key="study-answer", markdown=verdict, description="the study's contrast")
-    return {"report": str(path), "rows": study.model_rows(summary), "answer": verdict}
+    return {"report": str(path), "rows": study.model_rows(summary), "answer": study.answer(summary)}
 
 
 @flow(name="study")
@@ -64,7 +60,12 @@ def study_flow(params: Params) -> dict:
                 runs.append({"member": m["name"]} | r)
                 logger.info(f"{m['name']}: {stage} {how(r)} ({r['seconds']:.0f} s); "
                             f"{sum(x['stage'] == stage for x in runs)}/{len(members)} members done with {stage}")
-    return {"stages": runs} | report(params, members)
+    summary = report(params, members)
+    # the flow run's own artifacts: its Artifacts tab shows them first
+    create_table_artifact(key="study-grid", table=summary["rows"],
+                          description=f"the study: {len(members)} members, mean [95% CI] over seeds (%)")
+    create_markdown_artifact(key="study-answer", markdown=summary["answer"], description="the study's contrast")
+    return {"stages": runs} | summary
 
 
 def how(run: dict) -> str:

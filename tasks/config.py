@@ -75,7 +75,7 @@ class GeneratedSource(Strict):
     kind: Literal["generated"]
     name: Annotated[str, Field(pattern=SOURCE_NAME)] = "gen"
     train_pairs: Annotated[StrictInt, Field(ge=1)] = 10_000
-    eval_per_class: Annotated[StrictInt, Field(ge=0)] = 50
+    eval_per_class: Annotated[StrictInt, Field(ge=0)] = 240  # 2,400 triggered images: ASR +-2 points (95%, at 50%)
     supersample: Annotated[StrictInt, Field(ge=1, le=4)] = 2
     typical_color_prob: Annotated[Real, Field(ge=0, le=1)] = 0.5
     caption_noise: Annotated[Real, Field(ge=0, le=1)] = 0.1

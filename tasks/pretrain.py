@@ -22,8 +22,8 @@ from core.data.shards import ShardError, atomic_write_json, check_shards, digest
 from core.errors import InputError, permanent
 from core.frontier import CONTROL_PREFIX
 from core.model import (
-    DualEncoder, RunStopped, build_model, for_device, forward_backward, is_vit, make_optimizer, model_config,
-    non_finite, optimizer_step, schedule, to_device,
+    OPTIMIZER, DualEncoder, RunStopped, build_model, for_device, forward_backward, is_vit, make_optimizer,
+    model_config, non_finite, optimizer_step, schedule, to_device,
 )
 from objectives import WEIGHTS
 from objectives.registry import get_objective
@@ -44,14 +44,15 @@ def run_label(objective: str, control: bool) -> str:
 
 def fingerprint(params: Params, objective: str, control: bool, data: str, model_cfg: dict, split: str) -> str:
     """The run's identity: what it computes from which data (the seed, `PretrainConfig.identity` with the
-    split `auto` resolved to, the model's open_clip config, the objective and the weights it trains
+    split `auto` resolved to, the optimiser's implementation, the model's open_clip config, the objective and the weights it trains
     with, the data digest), so a rerun resumes only the same run. `compile` counts only when on (off is
     the plain computation that runs made before the switch existed)."""
     cfg = params.pretrain
     ident = cfg.identity() | {"split": split}
     if not cfg.compile:
         del ident["compile"]
-    return digest({"seed": params.training_seed, "pretrain": ident, "model_config": model_cfg, "objective": objective,
+    return digest({"seed": params.training_seed, "pretrain": ident, "optimizer": OPTIMIZER, "model_config": model_cfg,
+                   "objective": objective,
                    "weights": WEIGHTS[objective] | cfg.weights.get(objective, {}), "control": control, "data": data}, 12)
 
 

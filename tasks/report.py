@@ -156,9 +156,7 @@ def _figures(pretrained_logs: Path, sweeps: dict, cells: dict, out: Path) -> lis
         ax.set_title(name)
         ax.legend(fontsize=7)
         file = f"frontier-{name.replace('/', '-')}.png"
-        fig.tight_layout()
-        fig.savefig(out / file, dpi=100)
-        plt.close(fig)
+        save_figure(fig, out / file)
         names.append(file)
     logs = sorted(pretrained_logs.glob("*/train_log.jsonl"))
     if logs:
@@ -169,11 +167,19 @@ def _figures(pretrained_logs: Path, sweeps: dict, cells: dict, out: Path) -> lis
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "train-loss.png", dpi=100)
-        plt.close(fig)
+        save_figure(fig, out / "train-loss.png")
         names.append("train-loss.png")
     return names
+
+
+def save_figure(fig, path: Path, dpi: int = 100) -> str:
+    """Lay out, write and close a matplotlib figure; returns its file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path.name
 
 
 def write_report(params: Params, target: str, pretrained: dict, sweeps: dict, cells: dict) -> Path:

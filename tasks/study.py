@@ -25,7 +25,7 @@ from core.errors import InputError
 from core.frontier import control_name, is_control
 from core.stats import binomial_interval, eval_size_for, mean_interval, paired_contrast, seeds_for
 from tasks.config import ConfigError, Params, dump_params, parse_params
-from tasks.report import markdown_table, pct
+from tasks.report import markdown_table, pct, save_figure
 
 STAGES = ["curate", "poison", "pretrain", "clean", "evaluate"]
 CODE = ("flows", "tasks", "core", "objectives", "defences", "models", "expectations")
@@ -351,10 +351,7 @@ def figures(study: dict, members: list[dict], out: Path) -> list[str]:
                 ax.set_title(f"{name} ({_setting_name(setting)})", fontsize=8)
                 ax.set_xlabel("ASR (%)")
                 ax.set_ylabel("zero-shot top-1 (%)")
-        fig.tight_layout()
-        fig.savefig(out / "frontier.png", dpi=110)
-        plt.close(fig)
-        written.append("frontier.png")
+        written.append(save_figure(fig, out / "frontier.png", dpi=110))
     axis = next((k for k in ("poison.count", "poison.rate") if any(k in s for s in settings)), None)
     rows = dose_response(study, axis) if axis else []
     if rows:
@@ -377,10 +374,7 @@ def figures(study: dict, members: list[dict], out: Path) -> list[str]:
         ax.set_ylabel("%")
         ax.set_title("dose-response (mean, 95% CI over seeds)", fontsize=9)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "dose_response.png", dpi=110)
-        plt.close(fig)
-        written.append("dose_response.png")
+        written.append(save_figure(fig, out / "dose_response.png", dpi=110))
     return written
 
 

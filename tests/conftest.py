@@ -241,3 +241,76 @@ def write_shards(folder: Path, n: int = 8, per_shard: int = 4, size: int = 8, od
             sink.write({"__key__": key, "png": image, "txt": f"caption of {key}".encode()}, manifest_row(key, size))
         shards = sink.close()
     atomic_write_json(folder / "sizes.json", {s["tar"]: s["n"] for s in shards})
+
+
+@pytest.fixture
+def browser():
+    """A real headless Chromium (Debian's chromium and chromium-driver; make test installs them) driven by
+    Selenium; `browser.text_when(url, *needles)` loads a page (url None: stays on the current one) and waits
+    until its text shows every needle."""
+    import time
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.fail("Debian's chromium and chromium-driver are not installed (make test installs them: "
+                    "apt-get install chromium chromium-driver)")
+    options = Options()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,900"):
+        options.add_argument(arg)
+    chrome = webdriver.Chrome(options=options, service=Service(driver))
+
+    def text_when(url: str | None, *needles: str, timeout: float = 60) -> str:
+        if url is not None:
+            chrome.get(url)
+        url = chrome.current_url
+        deadline, text = time.time() + timeout, ""
+        while time.time() < deadline:  # the page is a single-page app: its text arrives after load
+            text = chrome.find_element(By.TAG_NAME, "body").text
+            if all(n in text for n in needles):
+                return text
+            time.sleep(0.5)
+        raise AssertionError(f"{url} did not show {needles} within {timeout} s; it shows:\n{text[-2000:]}")
+
+    chrome.text_when = text_when
+    chrome.by = By
+    yield chrome
+    chrome.quit()
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """`prefect server start` on 127.0.0.1 (a free port, its own database): the API URL, the UI at its root."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_UI_API_URL=url)
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"prefect server start did not answer on {url} within 120 s")
+            time.sleep(1)
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)

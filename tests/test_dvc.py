@@ -83,3 +83,26 @@ def test_stage_rejects_bad_params_before_work(tmp_path):
     assert proc.returncode == 2
     assert "curate.shard_maxcount: Input should be greater than or equal to 1 (got 0)" in proc.stderr
     assert not (repo / "data").exists()
+
+
+def test_plots_show_needs_no_network(tmp_path, browser):
+    """`dvc plots show` with the project's template: Vega, Vega-Lite and Vega-Embed inline, no script or
+    stylesheet from anywhere else, and a real browser draws the chart from the file alone."""
+    import re
+
+    from core.offline_plots import write_template
+
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    sh(tmp_path, "git", "init", "-q", env=env)
+    sh(tmp_path, "dvc", "init", "-q", env=env)
+    write_template(tmp_path / ".dvc" / "plots.html")
+    sh(tmp_path, "dvc", "config", "plots.html_template", "plots.html", env=env)
+    (tmp_path / "loss.csv").write_text("step,loss\n1,2.0\n2,1.5\n3,1.2\n")
+    sh(tmp_path, "dvc", "plots", "show", "loss.csv", "-x", "step", "-y", "loss", "-o", "out", env=env)
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert not re.search(r"<(script|link)[^>]+(src|href)=", page)  # nothing fetched
+    assert "window.vegaEmbed=" in page  # the library, inline
+    assert page.index("window.vegaEmbed=") < page.index("vegaEmbed('#loss_csv'")  # defined before the plot calls it
+    assert re.search(r'"loss": ?"?1\.2', page)  # the data, in the page
+    browser.text_when((tmp_path / "out" / "index.html").as_uri(), "loss.csv", "step")  # the chart's title and axis
+    assert len(browser.find_elements(browser.by.CSS_SELECTOR, "svg.marks")) == 1  # Vega drew it

@@ -98,15 +98,19 @@ def test_an_error_that_cannot_cross_processes_is_still_raised_not_dropped(tmp_pa
 
 
 def test_a_consumer_that_stops_early_stops_the_prefetch_thread(tmp_path):
+    def prefetching() -> int:  # counted by name: other tests' threads may end meanwhile
+        return sum(t.name == "prefetch" for t in threading.enumerate())
+
     write_shards(tmp_path / "s", n=40, per_shard=8)
-    before = threading.active_count()
+    before = prefetching()
     batches = BatchStream(tmp_path / "s", 4, 0, 1, 0, PREPROCESS, tokenize).epoch(0)
     next(batches)
+    assert prefetching() == before + 1
     batches.close()  # a diverged run leaves its epoch
     deadline = time.time() + 5
-    while threading.active_count() > before and time.time() < deadline:
+    while prefetching() > before and time.time() < deadline:
         time.sleep(0.05)
-    assert threading.active_count() == before
+    assert prefetching() == before
 
 
 def test_more_workers_than_shards(tmp_path):

@@ -113,6 +113,7 @@ def test_pipeline_end_to_end_then_up_to_date(reference, env):
     assert stage_status(run_pipeline(repo, env)) == dict.fromkeys(STAGES, "up to date")
 
 
+@pytest.mark.slow  # 3 min; test_pretrain's and test_faults' kill tests cover resume in the default suite
 def test_killed_in_pretrain_resumes_to_the_same_metrics(reference, tmp_path, env):
     """SIGKILL to the whole pipeline (Prefect, DVC, Ray) once pretrain has a checkpoint; the rerun resumes
     the runs from their checkpoints and ends with the uninterrupted run's metrics, byte for byte (CPU).

@@ -110,19 +110,23 @@ def test_dose_response_rows_and_figures(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.timeout(1500)
-def test_two_seed_study_through_prefect_and_dvc(tmp_path, prefect_api_url):
+def test_two_seed_study_through_prefect_and_dvc(tmp_path, prefect_server, browser):
+    """Two training seeds through `python -m flows.study` against `prefect server start`: the second seed takes
+    the first's curated and poisoned data from DVC's run-cache, each member's dvc.lock records its stages,
+    the statistics and report appear, the Prefect UI shows the study's table in a real browser, and a rerun
+    finds every stage up to date."""
     from tests.test_pipeline import tiny_study
 
     repo = tmp_path / "repo"
     repo.mkdir()
     copy_project(repo)
     params = tiny_study(repo)
-    params["curate"]["sources"][0]["train_pairs"] = 96
-    params["pretrain"] |= {"objectives": ["mmcl", "siglip"], "epochs": 2}
+    params["curate"]["sources"][0]["train_pairs"] = 64
+    params["pretrain"] |= {"objectives": ["mmcl", "siglip"], "epochs": 1}
     params["clean"]["models"] = ["mmcl", "siglip", "control-mmcl"]
     params["study"] = {"seeds": [0, 1], "contrast": ["siglip", "mmcl"]}
     write_params(repo / "params.yaml", params)
-    env = dict(os.environ, PREFECT_API_URL=prefect_api_url,
+    env = dict(os.environ, PREFECT_API_URL=prefect_server,
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=repo, check=True)
@@ -156,16 +160,25 @@ def test_two_seed_study_through_prefect_and_dvc(tmp_path, prefect_api_url):
         (repo / "data" / "study" / "report.md").read_text()
     assert (repo / "data" / "study" / "frontier.png").exists()
 
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowFilter, FlowFilterName
 
     async def runs():
-        async with get_client() as client:
+        async with PrefectClient(prefect_server) as client:
             flows = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["study"])))
             tasks = await client.read_task_runs()
-            return flows, [t.name for t in tasks if t.flow_run_id == flows[0].id]
-    flows, tasks = asyncio.run(runs())
+            table = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["study-grid"])))
+            return flows, [t.name for t in tasks if t.flow_run_id == flows[0].id], table
+    flows, tasks, table = asyncio.run(runs())
     assert len(flows) == 1 and {"data0-train0: pretrain", "data0-train1: curate"} <= set(tasks)
+    ui = prefect_server.removesuffix("/api")
+    browser.text_when(f"{ui}/runs/flow-run/{flows[0].id}", "Task Runs", "Artifacts", "data0-train0: curate")
+    tabs = browser.find_elements(browser.by.CSS_SELECTOR, "button, a, [role=tab], li")
+    next(e for e in tabs if e.text.split("\n")[0].strip() == "Artifacts").click()  # the tab's label (and its count)
+    browser.text_when(None, "study-grid", "study-answer")  # the run's Artifacts tab lists both
+    shown = browser.text_when(f"{ui}/artifacts/artifact/{table[0].id}", "control-mmcl", "residual ASR (cleanclip)")
+    assert re.search(r"siglip\s+\d+\.\d \[", shown)  # a mean with its interval, as the table has it
+    browser.save_screenshot(str(tmp_path / "study-grid.png"))
 
     second = run()  # resumes: every member's every stage is up to date
     assert set(re.findall(r"^\s*\S+\s+\w+: (ran|from the run-cache|up to date)", second, re.M)) == {"up to date"}

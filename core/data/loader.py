@@ -256,7 +256,7 @@ def prefetch(batches: Iterator[dict], depth: int = 2) -> Iterator[dict]:
             put(err)
         put(done)
 
-    threading.Thread(target=produce, daemon=True).start()
+    threading.Thread(target=produce, name="prefetch", daemon=True).start()
     try:
         while (item := q.get()) is not done:
             if isinstance(item, BaseException):
