@@ -54,12 +54,13 @@ def main():
         print(f"{member:>28}: {seconds:6d} s")
     first = per_member[members[0]]
     print(f"one seed (the first member, which makes the shared data): {first} s; the study: {total:.0f} s "
-          f"({total / first:.2f}x one seed for {len(members)} seeds)")
+          f"({total / max(first, 1):.2f}x one seed for {len(members)} seeds)")
 
-    startup = startup_costs(repo, env)
+    study_dir = repo / params.get("study", {}).get("dir", "data/study")
+    startup = startup_costs(study_dir / "members" / members[0], env)  # a member's workspace: its no-op repro
     stage_runs = sum(status == "ran" for _, _, status, _ in rows)
     pretrain_runs = sum(status == "ran" for _, stage, status, _ in rows if stage == "pretrain")
-    n_models = len(params["pretrain"]["objectives"]) + len(params["pretrain"].get("controls", []))
+    n_models = len(params["pretrain"].get("objectives", ["mmcl", "mmcl_ssl"])) + len(params["pretrain"].get("controls", []))
     paid = {"Prefect (temporary API, once)": startup["prefect_api"],
             f"Prefect (stage flow set-up, x{stage_runs} stage runs)": startup["prefect_flow"] * stage_runs,
             f"DVC (no-op repro, x{len(rows)} member-stages, upper bound)": startup["dvc_repro_noop"] * len(rows),
@@ -69,7 +70,7 @@ def main():
     for what, seconds in paid.items():
         print(f"{what:>58}: {seconds:6.1f} s ({seconds / total:5.1%})")
     print(f"{'all start-up':>58}: {sum(paid.values()):6.1f} s ({sum(paid.values()) / total:5.1%})")
-    report = (repo / params.get("study", {}).get("dir", "data/study") / "report.md").read_text()
+    report = (study_dir / "report.md").read_text()
     print("\n" + report.split("## Models and cleaning")[0])
     print(report.split("## Models and cleaning")[1].split("![")[0])
     if not args.keep:

@@ -12,6 +12,7 @@ import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
+EXACT_PAIRS = 16  # the permutation test enumerates every sign flip up to this many pairs
 
 
 def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict:
@@ -44,6 +45,12 @@ def binomial_interval(rate: float, n: int, confidence: float = CONFIDENCE) -> tu
     return float(ci.low), float(ci.high)
 
 
+def sampling_half_width(n: int, confidence: float = CONFIDENCE) -> float:
+    """Half the width of the Wilson interval of a rate near 50% (the widest) measured on n images."""
+    low, high = binomial_interval((n // 2) / n, n, confidence)
+    return (high - low) / 2
+
+
 def eval_size_for(half_width: float, rate: float = 0.5, confidence: float = CONFIDENCE) -> int:
     """Images needed for a normal-approximation interval of +-half_width on a rate (worst case 0.5):
     n = z^2 p (1 - p) / h^2, z the two-sided normal quantile."""
@@ -59,8 +66,9 @@ def paired_contrast(a: Sequence[float], b: Sequence[float], confidence: float = 
     sign-flip permutation test of the mean difference (scipy permutation_test, permutation_type="samples").
 
     Returns {differences, mean, low, high, sd, n, positive, negative, sign_test_p, permutation_p,
-    smallest_p}: `smallest_p` is the lowest p-value any outcome could give with this many seeds (2 / 2^n),
-    so a reader sees when no result could reach a given level. Raises ValueError on unequal lengths."""
+    smallest_p}: `smallest_p` is the lowest p-value any outcome could give with this many non-tied pairs
+    (2 / 2^n), so a reader sees when no result could reach a given level. Raises ValueError on unequal
+    lengths."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"paired_contrast needs two equal-length lists, got {a.size} and {b.size} values")
@@ -69,13 +77,16 @@ def paired_contrast(a: Sequence[float], b: Sequence[float], confidence: float = 
     positive, negative = int((d > 0).sum()), int((d < 0).sum())
     sign_p = float(stats.binomtest(positive, positive + negative).pvalue) if positive + negative else 1.0
     if d.size >= 2 and np.any(d != 0):
+        # exact (all 2^n sign flips) up to 16 pairs; beyond, 100k seeded flips in batches (bounded memory)
+        exact = d.size <= EXACT_PAIRS
         perm = stats.permutation_test((d,), np.mean, permutation_type="samples", alternative="two-sided",
-                                      n_resamples=np.inf)
+                                      n_resamples=np.inf if exact else 100_000, batch=4096,
+                                      rng=None if exact else np.random.default_rng(0))
         perm_p = float(perm.pvalue)
     else:
         perm_p = 1.0
     return out | {"positive": positive, "negative": negative, "sign_test_p": sign_p, "permutation_p": perm_p,
-                  "smallest_p": min(1.0, 2 / 2 ** d.size)}
+                  "smallest_p": min(1.0, 2 / 2 ** (positive + negative))}
 
 
 def seeds_for(alpha: float = 0.05) -> int:

@@ -23,7 +23,7 @@ import yaml
 from core.data.shards import atomic_write_bytes, atomic_write_json
 from core.errors import InputError
 from core.frontier import control_name, is_control
-from core.stats import binomial_interval, eval_size_for, mean_interval, paired_contrast, seeds_for
+from core.stats import binomial_interval, eval_size_for, mean_interval, paired_contrast, sampling_half_width, seeds_for
 from tasks.config import ConfigError, Params, dump_params, parse_params
 from tasks.report import markdown_table, pct, save_figure
 
@@ -48,8 +48,10 @@ def _set(raw: dict, key: str, value) -> None:
 
 
 def _label(value) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ""))
-    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "x"
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    label = re.sub(r"[^A-Za-z0-9._+-]+", "_", text)
+    # folder names stay short; a long value is named by its digest
+    return label if len(label) <= 40 else hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def plan(params: Params) -> list[dict]:
@@ -74,6 +76,17 @@ def plan(params: Params) -> list[dict]:
                 raise StudyError(str(err)) from None
             members.append({"name": name, "setting": setting, "data_seed": data_seed, "seed": seed,
                             "params": member_params})
+    names = [m["name"] for m in members]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise StudyError(f"study.axes: members would share a workspace: {twice[:3]} (repeated or equal-looking values)")
+    p = members[0]["params"]
+    for objective in cfg.contrast:
+        if objective not in p.pretrain.objectives or objective not in p.clean.models:
+            raise StudyError(f"study.contrast: {objective!r} must be in pretrain.objectives and clean.models "
+                             f"({p.pretrain.objectives}, {p.clean.models})")
+    if cfg.defence not in p.clean.defences:
+        raise StudyError(f"study.defence: {cfg.defence!r} is not in clean.defences {p.clean.defences}")
     return members
 
 
@@ -87,15 +100,16 @@ def prepare(member: dict, study_dir: Path, project: Path) -> Path:
     params.yaml, and a DVC project whose cache is `project`/.dvc/cache. Returns the workspace."""
     ws = study_dir / "members" / member["name"]
     ws.mkdir(parents=True, exist_ok=True)
+    cache = subprocess.run(["dvc", "cache", "dir"], cwd=project, check=True, capture_output=True, text=True).stdout.strip()
+    if not (ws / ".dvc").is_dir():  # a DVC project before any dvc.yaml is there (else this project would collect it)
+        subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=ws, check=True, capture_output=True)
+    for cmd in (["config", "cache.dir", cache], ["config", "cache.type", "reflink,hardlink,copy"]):
+        subprocess.run(["dvc", *cmd], cwd=ws, check=True, capture_output=True)  # every time: a kill may have cut it
     for name in CODE:
         shutil.rmtree(ws / name, ignore_errors=True)
         shutil.copytree(project / name, ws / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in FILES:
         shutil.copy2(project / name, ws / name)
-    if not (ws / ".dvc" / "config").exists():
-        for cmd in (["init", "--no-scm", "-q"], ["config", "cache.dir", str((project / ".dvc" / "cache").resolve())],
-                    ["config", "cache.type", "reflink,hardlink,copy"]):
-            subprocess.run(["dvc", *cmd], cwd=ws, check=True, capture_output=True)
     dump_params(member["params"], ws / "params.yaml")
     return ws
 
@@ -163,49 +177,66 @@ def _with_eval_error(value: float, n: int | None) -> dict:
     return {"value": value, "eval_low": low, "eval_high": high, "n": n}
 
 
+def units(group: list[dict], value) -> list:
+    """The independent replicates of `value(member)` (None: missing): one per member when the members share
+    one data seed; with several data seeds, one per data seed, the mean over its training seeds (members of one
+    data seed share data and eval images, so they are not independent of each other)."""
+    by_data = {}
+    for m in group:
+        v = value(m)
+        if v is not None:
+            by_data.setdefault(m["data_seed"], []).append(v)
+    if len(by_data) <= 1:
+        return [v for vs in by_data.values() for v in vs]
+    return [sum(vs) / len(vs) if isinstance(vs[0], float | int) else tuple(sum(x) / len(vs) for x in zip(*vs))
+            for vs in by_data.values()]
+
+
 def aggregate(members: list[dict], cfg) -> dict:
     """The study's statistics from `members` ([{setting, data_seed, seed, result (collect's)}]) and the
     study config (`defence`, `contrast`, `accuracy_drop`): per setting, each model's headline metrics and
-    each cleaned cell's residual ASR as the mean and 95% t interval over the seeds with each seed's binomial
-    (eval sampling) interval; and the paired contrast of `contrast[0]` minus `contrast[1]` in net residual
-    ASR (core.stats.paired_contrast). Rates are fractions."""
+    each cleaned cell's residual ASR as the mean and 95% t interval over the replicates (`units`), with each
+    member's binomial (eval sampling) interval for the headline metrics; and the paired contrast of
+    `contrast[0]` minus `contrast[1]` in net residual ASR (core.stats.paired_contrast). Rates are fractions."""
     a, b = cfg.contrast
+    drop = cfg.accuracy_drop
     settings = {}
     for m in members:
         settings.setdefault(json.dumps(m["setting"], sort_keys=True), []).append(m)
     out = []
-    for key, group in settings.items():
+    for group in settings.values():
         models = sorted({name for m in group for name in m["result"]["pretrained"]})
         per_model = {}
         for name in models:
-            rows = [m["result"]["pretrained"][name] for m in group if name in m["result"]["pretrained"]]
             entry = {}
             for metric in HEADLINE:
-                values = [r[metric] for r in rows if r.get(metric) is not None]
+                values = units(group, lambda m: m["result"]["pretrained"].get(name, {}).get(metric))
                 if not values:
                     continue
                 n_key = "n" if metric == "accuracy" else "n_asr"
-                entry[metric] = mean_interval(values) | {
-                    "seeds": [_with_eval_error(r[metric], r.get(n_key)) for r in rows if r.get(metric) is not None]}
+                rows = [m["result"]["pretrained"][name] for m in group if m["result"]["pretrained"].get(name, {}).get(metric) is not None]
+                entry[metric] = mean_interval(values) | {"seeds": [_with_eval_error(r[metric], r.get(n_key)) for r in rows]}
             per_model[name] = entry
         cleaned = {}
         for name in models:
-            values = [residual(m["result"]["cells"].get(f"{name}/{cfg.defence}"), cfg.accuracy_drop) for m in group]
-            values = [v for v in values if v is not None]
+            values = units(group, lambda m: residual(m["result"]["cells"].get(f"{name}/{cfg.defence}"), drop))
             if not values:
                 continue
-            nets = [v for v in (net_residual(m["result"], name, cfg.defence, cfg.accuracy_drop) for m in group)
-                    if v is not None]
+            nets = units(group, lambda m: net_residual(m["result"], name, cfg.defence, drop))
             cleaned[name] = {"residual_asr": mean_interval(values) | {"seeds": values},
                              "net_residual_asr": (mean_interval(nets) | {"seeds": nets}) if nets else None}
-        pairs = [(net_residual(m["result"], a, cfg.defence, cfg.accuracy_drop),
-                  net_residual(m["result"], b, cfg.defence, cfg.accuracy_drop)) for m in group]
-        pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+
+        def pair(m):
+            x, y = (net_residual(m["result"], o, cfg.defence, drop) for o in (a, b))
+            return None if x is None or y is None else (x, y)
+        pairs = units(group, pair)
         contrast = paired_contrast(*zip(*pairs)) if pairs else None
         n_asr = max((r.get("n_asr") or 0 for m in group for r in m["result"]["pretrained"].values()), default=0)
         out.append({"setting": group[0]["setting"], "replicates": [(m["data_seed"], m["seed"]) for m in group],
+                    "unit": "data seed" if len({m["data_seed"] for m in group}) > 1 else "seed",
+                    "controls": [control_name(group[0]["result"]["pretrained"], o) for o in (a, b)],
                     "models": per_model, "cleaned": cleaned, "contrast": contrast, "n_asr": n_asr})
-    return {"defence": cfg.defence, "contrast": [a, b], "accuracy_drop": cfg.accuracy_drop, "settings": out}
+    return {"defence": cfg.defence, "contrast": [a, b], "accuracy_drop": drop, "settings": out}
 
 
 def _ci(stat: dict | None) -> str:
@@ -232,30 +263,40 @@ def answer(study: dict) -> str:
              f"unpoisoned control cleaned the same way, of {a} minus {b}, paired seed by seed. Positive: {a} keeps "
              f"more of its backdoor.", ""]
     for s in study["settings"]:
-        c = s["contrast"]
-        lines.append(f"**{_setting_name(s['setting'])}** ({len(s['replicates'])} seeds):")
+        c, unit = s["contrast"], s["unit"]
+        lines.append(f"**{_setting_name(s['setting'])}** ({len(s['replicates'])} runs; replicate: the {unit}):")
         if c is None:
             lines += [f"- no contrast: {a} or {b}, or their control, was not cleaned with {study['defence']}", ""]
             continue
         cleaned = s["cleaned"]
-        floor = [cleaned[m]["residual_asr"] for m in cleaned if is_control(m)]
-        half = (binomial_interval(0.5, s["n_asr"])[1] - 0.5) if s["n_asr"] else None
+        half = sampling_half_width(s["n_asr"]) if s["n_asr"] else None
         interval = "" if c["low"] is None else f", 95% CI [{pct(c['low'])}, {pct(c['high'])}]"
-        lines.append(f"- {a} - {b}: {pct(c['mean'])} points{interval}; per seed "
-                     f"{', '.join(pct(d) for d in c['differences'])}; {c['positive']} of {c['n']} seeds positive, "
+        lines.append(f"- {a} - {b}: {pct(c['mean'])} points{interval}; per {unit} "
+                     f"{', '.join(pct(d) for d in c['differences'])}; {c['positive']} of {c['n']} positive, "
                      f"sign test p = {c['sign_test_p']:.3g}, sign-flip permutation p = {c['permutation_p']:.3g} "
-                     f"(the smallest p {c['n']} seeds allow: {c['smallest_p']:.3g}).")
+                     f"(the smallest p {c['positive'] + c['negative']} non-tied pairs allow: {c['smallest_p']:.3g}).")
         for m in (a, b):
             net = cleaned.get(m, {}).get("net_residual_asr")
-            if net:
-                over_seeds = net["low"] is not None and net["low"] > 0
-                over_eval = half is None or net["mean"] > half * 2 ** 0.5
-                said = ("above the control's floor, beyond the seeds' spread and the eval's sampling error"
-                        if over_seeds and over_eval else "not clearly above the control's floor: within "
-                        + " and ".join(["the seeds' spread"] * (not over_seeds) + ["the eval's sampling error"] * (not over_eval)))
-                lines.append(f"- {m}: net residual ASR {_ci(net)}: {said}.")
-        if floor:
-            lines.append(f"- The floor (the control, cleaned): residual ASR {_ci(floor[0])}, the trigger's own effect.")
+            if not net:
+                continue
+            checks = []
+            if net["low"] is not None:
+                checks.append(("the spread over replicates", net["low"] > 0))
+            if half is not None:
+                checks.append(("the eval's sampling error", net["mean"] > half * 2 ** 0.5))
+            above = [what for what, ok in checks if ok]
+            within = [what for what, ok in checks if not ok]
+            said = (f"above the control's floor beyond {' and '.join(above)}" if above and not within else
+                    f"not clearly above the control's floor: within {' and '.join(within)}" if within else
+                    "one replicate and no eval size: nothing to compare it with")
+            lines.append(f"- {m}: net residual ASR {_ci(net)}: {said}.")
+        for control in dict.fromkeys(c for c in s["controls"] if c):
+            floor = cleaned.get(control, {}).get("residual_asr")
+            if floor:
+                shared = " Both objectives are netted against it, so it cancels in their difference." \
+                    if s["controls"][0] == s["controls"][1] else ""
+                lines.append(f"- The floor ({control}, cleaned the same way): residual ASR {_ci(floor)}, the "
+                             f"trigger's own effect.{shared}")
         if half is not None:
             lines.append(f"- The eval's own sampling error: +-{pct(half)} points on one ASR of {s['n_asr']} triggered "
                          f"images (95% Wilson, at 50%), +-{pct(half * 2 ** 0.5)} on a difference of two.")
@@ -263,17 +304,19 @@ def answer(study: dict) -> str:
         if decisive:
             verdict = "Yes, here: the interval excludes 0 and the sign test is below 0.05."
         else:
-            needs = [f"at least {seeds_for(0.05)} seeds (an exact two-sided test cannot reach p < 0.05 with "
-                     f"fewer)" if c["smallest_p"] >= 0.05 else "more seeds (the interval spans 0 or the test is above 0.05)"]
+            needs = [f"at least {seeds_for(0.05)} {unit}s (an exact two-sided test cannot reach p < 0.05 with "
+                     f"fewer)" if c["smallest_p"] >= 0.05 else f"more {unit}s (the interval spans 0 or the test is above 0.05)"]
             if half is not None and abs(c["mean"]) < half * 2 ** 0.5:
                 needs.append(f"more eval images (the mean contrast is within one difference's sampling error; "
                              f"+-2 points needs {eval_size_for(0.02)} triggered images)")
             needs.append("the study's scale (CC3M, 64 epochs) to say anything about it")
             verdict = "Not decisively. What would make it decisive: " + "; ".join(needs) + "."
         lines += [f"- {verdict}", ""]
-    lines += ["What this shows and does not: the intervals cover the seeds' spread (training seeds, and data seeds "
-              "where the study varies them) and each figure's eval sampling error; they say nothing about other "
-              "data, models, scales or triggers, and a contrast at this toy scale is not the paper's result.", ""]
+    lines += ["What this shows and does not: the intervals are over the replicates (training seeds on one data seed; "
+              "data seeds, each the mean of its training seeds, when the study varies them) and so cover training "
+              "noise on these eval images, and data noise where data seeds vary; the eval's own sampling error is "
+              "given apart. They say nothing about other data, models, scales or triggers, and a contrast at this "
+              "toy scale is not the paper's result.", ""]
     return "\n".join(lines)
 
 
@@ -369,7 +412,7 @@ def figures(study: dict, members: list[dict], out: Path) -> list[str]:
                 if all(s["low"] is not None for s in stats):
                     ax.fill_between(x, [s["low"] * 100 for s in stats], [s["high"] * 100 for s in stats],
                                     color=line.get_color(), alpha=0.15)
-        ax.set_xscale("log")
+        ax.set_xscale("log" if min(r["x"] for r in rows) > 0 else "symlog")  # a dose of 0 has no log
         ax.set_xlabel(axis)
         ax.set_ylabel("%")
         ax.set_title("dose-response (mean, 95% CI over seeds)", fontsize=9)

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from core.stats import binomial_interval, eval_size_for, mean_interval, paired_contrast, seeds_for
+from core.stats import binomial_interval, eval_size_for, mean_interval, paired_contrast, sampling_half_width, seeds_for
 
 
 def test_mean_interval_is_student_t():
@@ -28,6 +28,8 @@ def test_binomial_interval_is_wilson():
     low, high = binomial_interval(0.9, 10)
     assert low == pytest.approx(centre - half, abs=1e-5) and high == pytest.approx(centre + half, abs=1e-5)
     assert binomial_interval(0.0, 500)[0] == 0.0 and binomial_interval(1.0, 500)[1] == 1.0
+    assert sampling_half_width(50) == pytest.approx(0.1336, abs=1e-4)  # 25 of 50: [36.6, 63.4]
+    assert sampling_half_width(51) == pytest.approx(0.1323, abs=1e-4)  # an odd n: 25 of 51
     with pytest.raises(ValueError, match="not a count"):
         binomial_interval(0.33, 10)
     with pytest.raises(ValueError, match="n >= 1"):

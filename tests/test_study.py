@@ -76,9 +76,30 @@ def test_aggregate_contrast_net_of_control(tmp_path):
     assert acc["mean"] == pytest.approx(0.7) and acc["n"] == 3 and acc["seeds"][0]["n"] == 100
     assert acc["seeds"][0]["eval_low"] < 0.7 < acc["seeds"][0]["eval_high"]  # each seed's binomial interval
     text = study.answer(summary)
-    assert "mmcl_ssl minus mmcl" in text and "30.0 points" in text and "3 of 3 seeds positive" in text
+    assert "mmcl_ssl minus mmcl" in text and "30.0 points" in text and "3 of 3 positive" in text
     assert "Not decisively" in text and "at least 6 seeds" in text  # 3 seeds cannot reach p < 0.05
     assert "+-13.4 points on one ASR of 50" in text  # Wilson at 50% on 50 images: [36.6, 63.4]
+    assert "it cancels in their difference" in text  # both objectives netted against control-mmcl
+
+
+def test_data_seeds_are_the_replicates_when_they_vary(tmp_path):
+    """Members of one data seed share its data and eval images: with 2 data seeds x 2 training seeds the
+    contrast has 2 replicates, each the mean of its data seed's training seeds (not 4 independent ones)."""
+    cfg = parse_params(base_params(tmp_path)).study
+    diffs = {(0, 0): 0.1, (0, 1): 0.3, (1, 0): 0.0, (1, 1): -0.2}
+    members = [{"setting": {}, "data_seed": d, "seed": t, "result": result(
+        {"mmcl_ssl": 0.5 + diff, "mmcl": 0.5, "control-mmcl": 0.1})} for (d, t), diff in diffs.items()]
+    s = study.aggregate(members, cfg)["settings"][0]
+    assert s["unit"] == "data seed" and s["contrast"]["differences"] == pytest.approx([0.2, -0.1])
+    assert s["models"]["mmcl"]["asr"]["n"] == 2 and len(s["models"]["mmcl"]["asr"]["seeds"]) == 4
+    assert "per data seed 20.0, -10.0; 1 of 2 positive" in study.answer(study.aggregate(members, cfg))
+
+
+def test_plan_refuses_members_that_would_share_a_workspace_or_a_contrast_not_run(tmp_path):
+    with pytest.raises(study.StudyError, match="share a workspace"):
+        study.plan(parse_params(base_params(tmp_path, axes={"poison.count": [8, 8]})))
+    with pytest.raises(study.StudyError, match=r"study.contrast: 'siglip' must be in pretrain.objectives"):
+        study.plan(parse_params(base_params(tmp_path, contrast=["siglip", "mmcl"])))
 
 
 def test_residual_falls_back_to_the_poisoned_asr(tmp_path):

@@ -204,8 +204,12 @@ def parallel(produce: Produce, workers: int, where: str, pin_memory: bool = Fals
     process is raised as itself in its item's turn; a process that dies raises ShardError naming
     `where` and the sample it was decoding. `pin_memory`: page-locked tensors, for async GPU copies."""
     if not workers:
-        for item in prefetch(produce(0, 1, None)):
-            yield {k: v.pin_memory() if pin_memory and torch.is_tensor(v) else v for k, v in item.items()}
+        stream = prefetch(produce(0, 1, None))
+        try:
+            for item in stream:
+                yield {k: v.pin_memory() if pin_memory and torch.is_tensor(v) else v for k, v in item.items()}
+        finally:  # closed now, not whenever the collector frees it: a consumer that stops early stops the thread
+            stream.close()
         return
     dataset = _Parts(produce, workers)
     # fork: the producer needs no pickling; its own generator: the DataLoader draws its processes'
