@@ -19,9 +19,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.common import params_from_argv, prefect_api, stage_command, worth_retrying
 from tasks import report
 from core.errors import InputError
-from tasks.config import Params
+from tasks.config import STAGES, Params
 
-STAGES = ["curate", "poison", "pretrain", "clean", "evaluate"]
 
 
 class StageInputError(InputError):

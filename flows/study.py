@@ -21,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.common import params_from_argv, prefect_api, results, stage_command
 from flows.pipeline import repro
 from tasks import study
-from tasks.config import Params
+from tasks.config import STAGES, Params
 from tasks.report import markdown_table
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ def study_flow(params: Params) -> dict:
     members = prepare(params)
     stages = study.read_dvc_stages(PROJECT)
     runs = []
-    for stage in study.STAGES:
+    for stage in STAGES:
         for wave in study.waves(members, stage, stages):
             futures = [repro.with_options(task_run_name=f"{m['name']}: {stage}", tags=[m["name"]]).submit(
                 stage, m["workspace"]) for m in wave]

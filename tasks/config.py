@@ -18,6 +18,7 @@ from core.errors import InputError
 from defences import OPTIONS as DEFENCES
 from objectives import WEIGHTS as OBJECTIVES
 
+STAGES = ("curate", "poison", "pretrain", "clean", "evaluate")  # the pipeline's order (dvc.yaml), a section each
 SOURCE_NAME = r"^[a-z][a-z0-9]{0,15}$"  # becomes the key prefix: no dots, underscores or slashes
 
 

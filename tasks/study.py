@@ -24,10 +24,9 @@ from core.data.shards import atomic_write_bytes, atomic_write_json
 from core.errors import InputError
 from core.frontier import control_name, is_control
 from core.stats import binomial_interval, eval_size_for, mean_interval, paired_contrast, sampling_half_width, seeds_for
-from tasks.config import ConfigError, Params, dump_params, parse_params
+from tasks.config import STAGES, ConfigError, Params, dump_params, parse_params
 from tasks.report import markdown_table, pct, save_figure
 
-STAGES = ["curate", "poison", "pretrain", "clean", "evaluate"]
 CODE = ("flows", "tasks", "core", "objectives", "defences", "models", "expectations")
 FILES = ("dvc.yaml", ".dvcignore")
 HEADLINE = ("accuracy", "asr", "clean_target_rate")
@@ -88,10 +87,6 @@ def plan(params: Params) -> list[dict]:
     if cfg.defence not in p.clean.defences:
         raise StudyError(f"study.defence: {cfg.defence!r} is not in clean.defences {p.clean.defences}")
     return members
-
-
-def workspace(cfg, name: str) -> Path:
-    return cfg.dir / "members" / name
 
 
 def prepare(member: dict, study_dir: Path, project: Path) -> Path:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tasks import study
-from tasks.config import parse_params
+from tasks.config import STAGES, parse_params
 from tests.conftest import copy_project, tiny_params, write_params
 
 
@@ -45,7 +45,7 @@ def test_stage_waves_share_what_does_not_change(tmp_path):
     runs for every seed. Across poison counts, curate alone is shared."""
     stages = yaml.safe_load((Path(study.__file__).parent.parent / "dvc.yaml").read_text())["stages"]
     members = study.plan(parse_params(base_params(tmp_path, seeds=[0, 1, 2], axes={"poison.count": [4, 8]})))
-    sizes = {s: [len(w) for w in study.waves(members, s, stages)] for s in study.STAGES}
+    sizes = {s: [len(w) for w in study.waves(members, s, stages)] for s in STAGES}
     assert sizes == {"curate": [1, 5], "poison": [2, 4], "pretrain": [6], "clean": [6], "evaluate": [6]}
 
 
