@@ -432,8 +432,10 @@ class StudyConfig(Strict):
     def _known_keys(cls, axes: dict) -> dict:
         for key in axes:
             section, _, field = key.partition(".")
-            if key in ("seed", "train_seed") or section == "study":
-                raise ValueError(f"{key}: use study.seeds / study.data_seeds for seeds; the study's own keys are not axes")
+            if key in ("seed", "train_seed"):
+                raise ValueError(f"{key}: seeds are study.data_seeds (seed) and study.seeds (train_seed), not axes")
+            if section == "study":
+                raise ValueError(f"{key}: the study's own settings are not axes")
             annotation = Params.model_fields[section].annotation if section in Params.model_fields else None
             model = next((a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)
                           and issubclass(a, Section)), None)

@@ -79,13 +79,15 @@ def plan(params: Params) -> list[dict]:
     if len(set(names)) < len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise StudyError(f"study.axes: members would share a workspace: {twice[:3]} (repeated or equal-looking values)")
-    p = members[0]["params"]
-    for objective in cfg.contrast:
-        if objective not in p.pretrain.objectives or objective not in p.clean.models:
-            raise StudyError(f"study.contrast: {objective!r} must be in pretrain.objectives and clean.models "
-                             f"({p.pretrain.objectives}, {p.clean.models})")
-    if cfg.defence not in p.clean.defences:
-        raise StudyError(f"study.defence: {cfg.defence!r} is not in clean.defences {p.clean.defences}")
+    for m in members:  # an axis may change what a member trains or cleans
+        p = m["params"]
+        for objective in cfg.contrast:
+            if objective not in p.pretrain.objectives or objective not in p.clean.models:
+                raise StudyError(f"study.contrast: {objective!r} must be in pretrain.objectives and clean.models "
+                                 f"({p.pretrain.objectives}, {p.clean.models}) of member {m['name']}")
+        if cfg.defence not in p.clean.defences:
+            raise StudyError(f"study.defence: {cfg.defence!r} is not in clean.defences {p.clean.defences} "
+                             f"of member {m['name']}")
     return members
 
 
