@@ -66,9 +66,7 @@ def measure(folder: Path, model_name: str, batch: int, processes: int, device: t
     model = for_device(model, device).eval()
     weights = torch.nn.functional.normalize(torch.randn(model.visual.output_dim, 10, device=device), dim=0)
     n = sum(json.loads((folder / "sizes.json").read_text()).values())
-    images = next(iter_batches(folder, preprocess, batch)).to(device)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = next(iter_batches(folder, preprocess, batch)).to(device).contiguous(memory_format=torch.channels_last)
     bare = None
     with torch.no_grad():  # fp32, as the evaluate stage runs
         model.encode_image(images[:8])  # warm-up

@@ -17,10 +17,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from core.errors import InputError
-from core.data.loader import parallel
-from core.data.shards import check_shards, decode_sample_image, digest, shard_sizes
+from core.data.loader import SampleCache, parallel
+from core.data.shards import check_shards, digest, shard_sizes
+from core.model import encode_text
 
 
 class EvalError(InputError):
@@ -72,11 +72,12 @@ def classifier(model, tokenizer, classes: dict, device) -> torch.Tensor:
 
 
 def _batches(eval_dir: Path, preprocess, batch_size: int, part: int = 0, parts: int = 1,
-             on_sample: Callable[[dict], None] | None = None) -> Iterator[dict]:
+             on_sample: Callable[[dict], None] | None = None, cache: SampleCache | None = None) -> Iterator[dict]:
     """Batches part, part + parts, ... of an eval set in shard order, decoded: `image` [B, 3, H, W],
-    `labels` [B], `keys` and `captions`; the others are read but not decoded (core.data.loader.parallel)."""
-    urls = [str(eval_dir / name) for name in shard_sizes(eval_dir)]
-    samples = iter(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+    `labels` [B], `keys` and `captions`; the others are read but not decoded (core.data.loader.parallel).
+    `cache` keeps the samples and images for the next pass."""
+    cache = cache or SampleCache()
+    samples = cache.samples([str(eval_dir / name) for name in shard_sizes(eval_dir)])
     for b in itertools.count():
         chunk = list(itertools.islice(samples, batch_size))
         if not chunk:
@@ -87,26 +88,25 @@ def _batches(eval_dir: Path, preprocess, batch_size: int, part: int = 0, parts: 
         for s in chunk:
             if on_sample:
                 on_sample(s)
-            images.append(preprocess(decode_sample_image(s)))
+            images.append(cache.image(s, preprocess)[0])
         yield {"image": torch.stack(images), "labels": torch.tensor([int(s["cls"]) for s in chunk]),
                "keys": [s["__key__"] for s in chunk], "captions": [s["txt"].decode() for s in chunk]}
 
 
 @torch.no_grad()
 def predict(model, weights: torch.Tensor, eval_dir: Path, preprocess, device, batch_size: int = 256,
-            with_text: bool = False, loader_workers: int = 0) -> dict:
+            with_text: bool = False, loader_workers: int = 0, cache: SampleCache | None = None) -> dict:
     """Streams an eval set through the model: top-5 class predictions [N, 5], true classes [N] and keys
     (and image embeddings [N, D] and captions when `with_text`, for retrieval). Images are decoded in
     `loader_workers` processes (0: a thread) while the model runs; memory holds up to 2 batches per
     process in flight (torch's prefetch; shared memory, /dev/shm) plus the per-image outputs (N x 5 ints;
-    N x D floats with text), so it does not grow with the images' bytes."""
+    N x D floats with text), so it does not grow with the images' bytes; a `cache` (SampleCache) holds what
+    it is sized for, for the next pass."""
     keys, labels, top5, embeddings, captions = [], [], [], [], []
     cuda = torch.device(device).type == "cuda"
-    produce = lambda part, parts, on_sample: _batches(eval_dir, preprocess, batch_size, part, parts, on_sample)  # noqa: E731
+    produce = lambda part, parts, on_sample: _batches(eval_dir, preprocess, batch_size, part, parts, on_sample, cache)  # noqa: E731
     for batch in parallel(produce, loader_workers, str(eval_dir), pin_memory=cuda):
-        images = batch["image"].to(device, non_blocking=cuda)
-        if cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = batch["image"].to(device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
         features = model.encode_image(images, normalize=True).float()
         top5.append((features @ weights.float()).topk(min(5, weights.shape[1]), dim=1).indices.cpu())
         keys += batch["keys"]
@@ -159,7 +159,7 @@ def retrieval_metrics(model, tokenizer, pred: dict, device, ks=(1, 5, 10), chunk
     """Image->text and text->image recall@k (fractions) on the eval set's own (image, caption) pairs.
     Similarities are ranked `chunk` rows at a time: memory chunk x N, not N x N (50k pairs: 0.2 GB, not 10)."""
     images = pred["image_embeddings"].to(device)
-    texts = torch.cat([model.encode_text(tokenizer(pred["captions"][i:i + 256]).to(device), normalize=True).float()
+    texts = torch.cat([encode_text(model, tokenizer(pred["captions"][i:i + 256]).to(device)).float()
                        for i in range(0, len(pred["captions"]), 256)])
     out = {}
     for direction in ("i2t", "t2i"):
@@ -175,20 +175,21 @@ def retrieval_metrics(model, tokenizer, pred: dict, device, ks=(1, 5, 10), chunk
 
 
 def evaluate(model, preprocess, tokenizer, labelled_dir: Path, asr_dir: Path | None, target: str | None, device="cpu",
-             batch_size: int = 256, retrieval: bool = True, loader_workers: int = 0) -> dict:
+             batch_size: int = 256, retrieval: bool = True, loader_workers: int = 0,
+             cache: SampleCache | None = None) -> dict:
     """Every metric of one model on a labelled eval set and (optionally) its triggered (ASR) set; images
-    decoded in `loader_workers` processes (`predict`)."""
+    decoded in `loader_workers` processes (`predict`), kept for the next call in `cache` if given."""
     classes = load_classes(labelled_dir)
     model.eval()
     weights = classifier(model, tokenizer, classes, device)
-    clean = predict(model, weights, labelled_dir, preprocess, device, batch_size, retrieval, loader_workers)
+    clean = predict(model, weights, labelled_dir, preprocess, device, batch_size, retrieval, loader_workers, cache)
     out = {"zero_shot": zero_shot_metrics(clean, classes["classnames"])}
     if retrieval:
         out["retrieval"] = retrieval_metrics(model, tokenizer, clean, device)
     if asr_dir is not None:
         t = target_index(classes, target, str(labelled_dir))
         out["attack"] = attack_metrics(predict(model, weights, asr_dir, preprocess, device, batch_size,
-                                               loader_workers=loader_workers), clean, t)
+                                               loader_workers=loader_workers, cache=cache), clean, t)
     return out
 
 

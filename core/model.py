@@ -63,23 +63,45 @@ def build_model(name: str, objective: str):
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """A loader batch's tensors on `device`, without its `keys`. On GPUs the copies are asynchronous
-    (the loader pins its batches) and images [B, 3, H, W] are channels_last, the layout cuDNN's
-    convolutions run fastest in (same tensors; convolutions then round differently, as any GPU kernel
-    choice does; the model is converted by `for_device`)."""
+    """A loader batch's tensors on `device`, without its `keys`; images [B, 3, H, W] channels_last, the
+    layout cuDNN's and oneDNN's convolutions run fastest in (the model is converted by `for_device`;
+    same tensors, convolutions round differently). On GPUs the copies are asynchronous (the loader
+    pins its batches)."""
     cuda = device.type == "cuda"
     out = {}
     for k, v in batch.items():
         if k != "keys":
             v = v.to(device, non_blocking=cuda)
-            out[k] = v.contiguous(memory_format=torch.channels_last) if cuda and v.ndim == 4 else v
+            out[k] = v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v
     return out
 
 
 def for_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The model on `device`; on GPUs with channels_last weights (see `to_device`)."""
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    """The model on `device` with channels_last weights (see `to_device`): measured on one core, rn-tiny's
+    32 px steps take 15% (MMCL) to 22% (MMCL+SSL) less time than in the default layout."""
+    return model.to(device).to(memory_format=torch.channels_last)
+
+
+def encode_text(model, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Text embeddings [B, D] of tokens `text` [B, L]: open_clip's `CLIP.encode_text` run on the first n
+    positions, n = the batch's last end-of-text position + 1 (dynamic padding). The same embeddings up to
+    rounding: open_clip's text tower is causal and pools the end-of-text token (the largest id, hence
+    argmax), so no position after it reaches the output. The generated corpus' captions are <= 15
+    tokens of rn-tiny's 32 (CC3M's are mostly under 20 of RN50's 77): the text tower does a half to a
+    quarter of the work. Models of other classes (custom text towers, padding masks) run their own
+    `encode_text` on the whole context."""
+    import open_clip
+
+    if type(model) is not open_clip.CLIP or model.text_pool_type != "argmax" or model.attn_mask is None:
+        return model.encode_text(text, normalize=normalize)
+    n = int(text.argmax(dim=-1).max()) + 1
+    text = text[:, :n]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(text).to(cast) + model.positional_embedding[:n].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+    x = open_clip.transformer.text_global_pool(x, text, "argmax")
+    x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return torch.nn.functional.normalize(x, dim=-1) if normalize else x
 
 
 class DualEncoder(torch.nn.Module):
@@ -92,12 +114,14 @@ class DualEncoder(torch.nn.Module):
     def forward(self, batch: dict) -> dict:
         m = self.model
         out = {"image": m.encode_image(batch["image"], normalize=True),
-               "text": m.encode_text(batch["text"], normalize=True),
                "logit_scale": m.logit_scale, "logit_bias": getattr(m, "logit_bias", None)}
         if "image_aug" in batch:
             out["image_aug"] = m.encode_image(batch["image_aug"], normalize=True)
-        if "text_aug" in batch:
-            out["text_aug"] = m.encode_text(batch["text_aug"], normalize=True)
+        if "text_aug" in batch:  # one pass for both (exact: the text tower has no batch statistics; one
+            # embedding gradient to build, not two: 20% of an MMCL+SSL step at 32 px)
+            out["text"], out["text_aug"] = encode_text(m, torch.cat([batch["text"], batch["text_aug"]])).chunk(2)
+        else:
+            out["text"] = encode_text(m, batch["text"])
         return out
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from core.checkpoint import CheckpointError, exported_sha256, load_model
-from core.data.loader import BatchStream
+from core.data.loader import BatchStream, SampleCache
 from core.data.shards import atomic_write_json, check_shards, digest, file_sha256, replacing, shard_sizes
 from core.errors import InputError
 from core.metrics import EvalError, attack_target, check_eval_sets, evaluate, flat, load_classes, target_index
@@ -73,10 +73,10 @@ def check_sweep(params: Params, model: str, defence: str) -> None:
         raise CleanError(f"clean.eval_dir: {err}") from None
 
 
-def _measure(params: Params, model, preprocess, tokenizer, device) -> dict:
+def _measure(params: Params, model, preprocess, tokenizer, device, cache: SampleCache) -> dict:
     cfg = clean_config(params)
     metrics = evaluate(model, preprocess, tokenizer, cfg.eval_dir / "labelled", cfg.eval_dir / "asr", target_of(params),
-                       device, cfg.eval_batch_size, retrieval=False, loader_workers=cfg.loader_workers)
+                       device, cfg.eval_batch_size, retrieval=False, loader_workers=cfg.loader_workers, cache=cache)
     return flat(metrics)
 
 
@@ -130,12 +130,13 @@ def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> 
     model, preprocess, tokenizer = load_model(checkpoint_of(params, model_name))
     meta = json.loads((checkpoint_of(params, model_name).parent / "model_config.json").read_text())
     model = for_device(model, device)
-    points = [{"epoch": 0, "lr": lr, **_measure(params, model, preprocess, tokenizer, device)}]
+    cache = SampleCache(cfg.cache_mb)  # the eval sets and the cleaning data, read and decoded once
+    points = [{"epoch": 0, "lr": lr, **_measure(params, model, preprocess, tokenizer, device, cache)}]
     torch.manual_seed(params.training_seed)
     fresh, _, _ = build_model(meta["model"], meta["objective"])
     defence.prepare(model, for_device(fresh, device))
     stream = BatchStream(cfg.data_dir, cfg.batch_size, 0, 1, params.training_seed, preprocess, tokenizer, objective.views,
-                         loader_workers=cfg.loader_workers, pin_memory=device.type == "cuda")
+                         loader_workers=cfg.loader_workers, pin_memory=device.type == "cuda", cache=cache)
     total = cfg.epochs * stream.steps_per_epoch
     optimizer = make_optimizer(model, lr, cfg.weight_decay, is_vit(meta["open_clip_config"]))
     scheduler = schedule(optimizer, cfg.warmup_steps, total)
@@ -161,7 +162,7 @@ def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> 
             break
         train_seconds, eval_start = time.time() - epoch_start, time.time()
         point = {"epoch": epoch + 1, "lr": lr, "loss": sum(losses) / len(losses),
-                 **_measure(params, model, preprocess, tokenizer, device)}
+                 **_measure(params, model, preprocess, tokenizer, device, cache)}
         point |= {"train_seconds": round(train_seconds, 2), "eval_seconds": round(time.time() - eval_start, 2)}
         points.append(point)
         if _better(point, best):

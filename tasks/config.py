@@ -286,7 +286,7 @@ class PretrainConfig(Section):
     PATHS = frozenset({"data_dir", "control_data_dir", "out_dir", "storage_dir"})
     # num_workers and use_gpu change results: the float rounding of the reductions (and other batches
     # under the shards split), bf16 autocast on GPUs
-    OPERATIONAL = frozenset({"concurrent_runs", "threads_per_worker", "loader_workers", "max_failures",
+    OPERATIONAL = frozenset({"concurrent_runs", "threads_per_worker", "loader_workers", "cache_mb", "max_failures",
                              "checkpoint_every", "keep_checkpoints", "log_every"})
     RUNS = frozenset({"objectives", "controls", "weights"})
 
@@ -322,6 +322,8 @@ class PretrainConfig(Section):
     # processes per Train worker that decode and augment its batches; 0: a thread of the worker.
     # The batches are the same bytes for any value (core/data/loader.py)
     loader_workers: Annotated[StrictInt, Field(ge=0)] = 0
+    # MiB per Train worker of shard samples and decoded images kept between epochs (core.data.loader.SampleCache)
+    cache_mb: Annotated[Real, Field(ge=0)] = 1024
     compile: bool = False  # torch.compile the model (GPUs: faster steps after a warm-up; other rounding)
     max_failures: Annotated[StrictInt, Field(ge=0)] = 1  # worker restarts from the last checkpoint
 
@@ -347,7 +349,7 @@ class CleanConfig(Section):
     """CleanCLIP-style cleaning sweeps (tasks/clean.py). The study's values are in params.yaml comments."""
 
     PATHS = frozenset({"data_dir", "eval_dir", "models_dir", "out_dir"})
-    OPERATIONAL = frozenset({"runner", "threads_per_run", "loader_workers", "eval_batch_size"})
+    OPERATIONAL = frozenset({"runner", "threads_per_run", "loader_workers", "cache_mb", "eval_batch_size"})
     RUNS = frozenset({"models", "defences", "defence_options", "lrs"})
     MATRIX = frozenset({"models", "defences"})
 
@@ -368,6 +370,7 @@ class CleanConfig(Section):
     runner: RunnerConfig = RunnerConfig()  # the sweep's runs in parallel
     threads_per_run: Annotated[StrictInt, Field(ge=1)] | None = None  # None: the machine's cores / runner workers
     loader_workers: Annotated[StrictInt, Field(ge=0)] = 0  # decoding processes per run (pretrain.loader_workers)
+    cache_mb: Annotated[Real, Field(ge=0)] = 1024  # MiB per run: cleaning data and eval sets kept between epochs
 
     @model_validator(mode="after")
     def _check(self):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from core.data.loader import SUPPORTED_VIEWS, BatchStream, resolve_split
+from core.data.loader import SUPPORTED_VIEWS, BatchStream, SampleCache, resolve_split
 from core.data.shards import ShardError, atomic_write_json, check_shards, digest, file_sha256, shard_sizes
 from core.errors import InputError, permanent
 from core.frontier import CONTROL_PREFIX
@@ -222,7 +222,7 @@ def train_loop_per_worker(config: dict) -> None:
     # accum_steps micro-batches make one optimiser step's global batch of batch_size samples
     stream = BatchStream(Path(run["data_dir"]), cfg.batch_size // cfg.accum_steps, rank, world, params.training_seed, preprocess,
                          tokenizer, objective.views, cfg.split, cfg.shuffle_buffer, cfg.loader_workers,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=device.type == "cuda", cache=SampleCache(cfg.cache_mb))
     steps_per_epoch = run["steps_per_epoch"]
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, is_vit(run["model_config"]), cfg.beta1, cfg.beta2, cfg.eps)

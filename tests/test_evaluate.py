@@ -2,6 +2,7 @@
 the report, and `dvc metrics show` / `dvc plots show` on our dvc.yaml."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from tasks import report
 from tasks.config import parse_params
 from core.frontier import frontier, removes_backdoor
 from core.metrics import EvalError, attack_metrics, evaluate, predict, retrieval_metrics
+from core.data.loader import SampleCache
 from core.model import build_model
 from core.data.shards import ShardSink, atomic_write_json
 from tests.conftest import REPO, png_bytes, tiny_params
@@ -107,6 +109,21 @@ def test_metrics_are_the_same_for_any_loader_processes_and_retrieval_chunk(eval_
     weights = torch.nn.functional.normalize(torch.randn(model.text_projection.shape[1], 3), dim=0)
     pred = predict(model, weights, eval_dirs / "labelled", image_preprocess, "cpu", 4, with_text=True)
     assert retrieval_metrics(model, text_tokenizer, pred, "cpu", chunk=7) == runs[0]["retrieval"]
+
+
+def test_an_evaluation_from_the_cache_reads_no_tar_and_gives_the_same_metrics(eval_dirs, tmp_path):
+    shutil.copytree(eval_dirs, tmp_path / "eval")
+    torch.manual_seed(0)
+    model, image_preprocess, text_tokenizer = build_model("vit-tiny", "mmcl")
+    model.eval()
+    cache = SampleCache(limit_mb=16)
+    runs = [evaluate(model, image_preprocess, text_tokenizer, tmp_path / "eval" / "labelled", tmp_path / "eval" / "asr",
+                     "banana", batch_size=4, cache=cache)]
+    for tar in (tmp_path / "eval").glob("*/*.tar"):
+        tar.write_bytes(b"")
+    runs.append(evaluate(model, image_preprocess, text_tokenizer, tmp_path / "eval" / "labelled",
+                         tmp_path / "eval" / "asr", "banana", batch_size=4, cache=cache))
+    assert runs[0] == runs[1] and runs[0]["zero_shot"]["n"] == 30
 
 
 def test_collapsed_model_is_a_bias_not_a_backdoor(eval_dirs):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from core.data.loader import BatchStream, resolve_split
+from core.data.loader import BatchStream, SampleCache, resolve_split
 from core.data.shards import ShardError
 from tests.conftest import png_bytes, random_image, write_shards
 
@@ -50,6 +50,28 @@ def test_batches_are_byte_identical_for_0_1_and_3_loader_processes(tmp_path, spl
     assert reference[0][0]["keys"] != reference[1][0]["keys"]  # epochs are shuffled apart
     for workers in (1, 3):
         assert all(same(a, b) for a, b in zip(reference, batches(tmp_path / "s", workers, **kw))), workers
+
+
+def test_a_cache_gives_the_same_batches_and_a_later_epoch_reads_no_tar(tmp_path):
+    write_shards(tmp_path / "s", n=40, per_shard=8, size=12)
+    reference = batches(tmp_path / "s", 0)
+    cache = SampleCache(limit_mb=1)
+    stream = BatchStream(tmp_path / "s", 4, 0, 1, seed=3, preprocess=PREPROCESS, tokenizer=tokenize, shuffle_buffer=5,
+                         views=frozenset({"image_aug", "text_aug"}), cache=cache)
+    first = list(stream.epoch(0))
+    assert 0 < cache.used <= 2**20 and len(cache._shards) == 5 and len(cache._images) == 40
+    for tar in (tmp_path / "s").glob("*.tar"):  # what a second epoch needs is all in memory
+        tar.write_bytes(b"")
+    assert same(reference[0], first) and same(reference[1], list(stream.epoch(1, skip_batches=2)))
+
+
+def test_a_cache_too_small_for_a_shard_keeps_none_of_it_and_still_gives_every_sample(tmp_path):
+    write_shards(tmp_path / "s", n=40, per_shard=8, size=12)
+    cache = SampleCache(limit_mb=1500 / 2**20)  # a few samples' bytes: no whole shard fits
+    stream = BatchStream(tmp_path / "s", 4, 0, 1, seed=3, preprocess=PREPROCESS, tokenizer=tokenize, shuffle_buffer=5,
+                         views=frozenset({"image_aug", "text_aug"}), cache=cache)
+    assert same(batches(tmp_path / "s", 0)[0], list(stream.epoch(0)))
+    assert not cache._shards and cache.used <= 1500
 
 
 def test_a_sample_error_in_a_loader_process_is_raised_as_itself_in_its_turn(tmp_path):

@@ -5,7 +5,7 @@ import socket
 import pytest
 import torch
 
-from core.model import DualEncoder, build_model, forward_backward, make_optimizer
+from core.model import DualEncoder, build_model, encode_text, forward_backward, make_optimizer
 from objectives.registry import get_objective
 
 BATCH = 8
@@ -110,3 +110,21 @@ def test_accumulation_counts_each_sample_once_in_batchnorm_statistics():
     assert bn
     for name in bn:
         assert torch.allclose(dict(model.named_buffers())[name], dict(twin.named_buffers())[name]), name
+
+
+@pytest.mark.parametrize("name", ["rn-tiny", "vit-tiny"])
+def test_text_trimmed_to_the_longest_caption_gives_open_clips_embeddings_and_gradients(name):
+    """encode_text runs only up to the batch's last end-of-text token; open_clip's runs the whole context."""
+    torch.manual_seed(0)
+    model, _, tokenizer = build_model(name, "mmcl")
+    tokens = tokenizer(["a photo of a banana", "a red circle on a cluttered background with dots", "x"])
+    assert int(tokens.argmax(dim=1).max()) + 1 < tokens.shape[1] // 2  # most of the context is padding
+    grads = []
+    for encode in (lambda t: model.encode_text(t, normalize=True), lambda t: encode_text(model, t)):
+        model.zero_grad()
+        out = encode(tokens)
+        (out * torch.arange(out.shape[1])).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = grads
+    assert torch.allclose(a, b, atol=1e-6) and ga.keys() == gb.keys()
+    assert all(torch.allclose(ga[n], gb[n], rtol=0, atol=1e-5 * ga[n].abs().max()) for n in ga)  # float rounding
