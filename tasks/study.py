@@ -355,6 +355,17 @@ def _curve(points: list[dict], poisoned: dict, drops) -> list[float]:
     return out
 
 
+def _band(stats: list[dict]) -> tuple[list, list] | None:
+    """A dose-response line's band (%): the 95% t interval over seeds; with one seed, the eval's own Wilson
+    interval where the metric has one (ASR); else none."""
+    if all(s["low"] is not None for s in stats):
+        return [s["low"] * 100 for s in stats], [s["high"] * 100 for s in stats]
+    evals = [s.get("seeds", [{}])[0] if s["n"] == 1 else {} for s in stats]
+    if all(isinstance(e, dict) and e.get("eval_low") is not None for e in evals):
+        return [e["eval_low"] * 100 for e in evals], [e["eval_high"] * 100 for e in evals]
+    return None
+
+
 def figures(study: dict, members: list[dict], out: Path) -> list[str]:
     """frontier.png: per cleaned model, every seed's swept points and the mean frontier (lowest ASR within
     each accuracy drop, averaged over seeds); dose_response.png when an axis is poison.count or poison.rate
@@ -406,13 +417,14 @@ def figures(study: dict, members: list[dict], out: Path) -> list[str]:
                 mean = [s["mean"] * 100 for s in stats]
                 label = f"{name}{'' if other == '{}' else ' ' + other}: {'ASR' if metric == 'asr' else 'net residual ASR'}"
                 line, = ax.plot(x, mean, style, marker="o", label=label)
-                if all(s["low"] is not None for s in stats):
-                    ax.fill_between(x, [s["low"] * 100 for s in stats], [s["high"] * 100 for s in stats],
-                                    color=line.get_color(), alpha=0.15)
+                band = _band(stats)
+                if band:
+                    ax.fill_between(x, *band, color=line.get_color(), alpha=0.15)
         ax.set_xscale("log" if min(r["x"] for r in rows) > 0 else "symlog")  # a dose of 0 has no log
         ax.set_xlabel(axis)
         ax.set_ylabel("%")
-        ax.set_title("dose-response (mean, 95% CI over seeds)", fontsize=9)
+        ax.set_title("dose-response: mean; band: 95% CI over seeds (one seed: the eval's 95% Wilson interval)",
+                     fontsize=8)
         ax.legend(fontsize=7)
         written.append(save_figure(fig, out / "dose_response.png", dpi=110))
     return written

@@ -59,7 +59,7 @@ def test_a_cache_gives_the_same_batches_and_a_later_epoch_reads_no_tar(tmp_path)
     stream = BatchStream(tmp_path / "s", 4, 0, 1, seed=3, preprocess=PREPROCESS, tokenizer=tokenize, shuffle_buffer=5,
                          views=frozenset({"image_aug", "text_aug"}), cache=cache)
     first = list(stream.epoch(0))
-    assert 0 < cache.used <= 2**20 and len(cache._shards) == 5 and len(cache._images) == 40
+    assert 0 < cache.used <= 2**20 and len(cache._shards) == 5 and len(cache._images) == 40 and cache._tokens
     for tar in (tmp_path / "s").glob("*.tar"):  # what a second epoch needs is all in memory
         tar.write_bytes(b"")
     assert same(reference[0], first) and same(reference[1], list(stream.epoch(1, skip_batches=2)))

@@ -129,6 +129,17 @@ def test_dose_response_rows_and_figures(tmp_path):
     assert json.loads((tmp_path / "out" / "study.json").read_text())["members"][0]["name"] == "c10-0"
 
 
+def test_dose_response_band_is_the_seeds_interval_or_with_one_seed_the_evals(tmp_path):
+    cfg = parse_params(base_params(tmp_path)).study
+    one = [{"name": f"c{count}", "setting": {"poison.count": count}, "data_seed": 0, "seed": 0,
+            "result": result({"mmcl_ssl": 0.5, "mmcl": 0.05, "control-mmcl": 0.02})} for count in (10, 100)]
+    rows = study.dose_response(study.aggregate(one, cfg), "poison.count")
+    asr = [r["asr"] for r in rows if r["model"] == "mmcl"]
+    low, high = study._band(asr)  # the eval's Wilson interval of each point (50 triggered images here)
+    assert all(lo < a["mean"] * 100 < hi for lo, hi, a in zip(low, high, asr)) and high[0] - low[0] > 5
+    assert study._band([r["net_residual_asr"] for r in rows if r["model"] == "mmcl"]) is None  # no eval n for a net
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(1500)
 def test_two_seed_study_through_prefect_and_dvc(tmp_path, prefect_server, browser):
