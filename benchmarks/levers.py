@@ -7,6 +7,7 @@ Step (forward, backward, fused AdamW; batches in memory) per objective:
 - baseline: open_clip's `encode_text` over the whole 32-token context, default memory layout;
 - + trimmed text: `core.model.encode_text` (up to the batch's last end-of-text token);
 - + channels_last: images and weights in the layout oneDNN's convolutions prefer.
+(MMCL+SSL's caption and its EDA view go through the text tower in one pass in every setting.)
 Loader (one epoch, a thread as in training, after a first epoch): no cache against `SampleCache`.
 Prints ms per batch and the ratios; median of `--repeats`, alternated (the machine is shared).
 """

@@ -104,6 +104,7 @@ def predict(model, weights: torch.Tensor, eval_dir: Path, preprocess, device, ba
     it is sized for, for the next pass."""
     keys, labels, top5, embeddings, captions = [], [], [], [], []
     cuda = torch.device(device).type == "cuda"
+    cache = None if loader_workers else cache  # forked loader processes would fill copies and drop them
     produce = lambda part, parts, on_sample: _batches(eval_dir, preprocess, batch_size, part, parts, on_sample, cache)  # noqa: E731
     for batch in parallel(produce, loader_workers, str(eval_dir), pin_memory=cuda):
         images = batch["image"].to(device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)

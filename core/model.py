@@ -83,16 +83,19 @@ def for_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def encode_text(model, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """Text embeddings [B, D] of tokens `text` [B, L]: open_clip's `CLIP.encode_text` run on the first n
-    positions, n = the batch's last end-of-text position + 1 (dynamic padding). The same embeddings up to
-    rounding: open_clip's text tower is causal and pools the end-of-text token (the largest id, hence
-    argmax), so no position after it reaches the output. The generated corpus' captions are <= 15
-    tokens of rn-tiny's 32 (CC3M's are mostly under 20 of RN50's 77): the text tower does a half to a
-    quarter of the work. Models of other classes (custom text towers, padding masks) run their own
+    """Text embeddings [B, D] of tokens `text` [B, L] (normalised by default, unlike open_clip's): open_clip's
+    `CLIP.encode_text` run on the first n positions, n = the batch's last end-of-text position + 1 (dynamic
+    padding). The same embeddings and gradients up to rounding (tested): open_clip's text tower is causal
+    and pools the end-of-text token (the largest id, hence argmax), so no position after it reaches the
+    output. The generated corpus' captions are <= 15 tokens of rn-tiny's 32 (CC3M's mostly under 20 of
+    RN50's 77): the text tower does a half to a quarter of the work. Reading n waits for the tokens on a
+    GPU (one sync a step). Other text towers (custom or Hugging Face ones, no causal mask, other pooling,
+    a class token) and code under torch.compile (which would recompile per n) run open_clip's own
     `encode_text` on the whole context."""
     import open_clip
 
-    if type(model) is not open_clip.CLIP or model.text_pool_type != "argmax" or model.attn_mask is None:
+    if (type(model) is not open_clip.CLIP or model.text_pool_type != "argmax" or model.attn_mask is None
+            or model.positional_embedding.shape[0] != text.shape[1] or torch.compiler.is_compiling()):
         return model.encode_text(text, normalize=normalize)
     n = int(text.argmax(dim=-1).max()) + 1
     text = text[:, :n]
@@ -100,7 +103,10 @@ def encode_text(model, text: torch.Tensor, normalize: bool = True) -> torch.Tens
     x = model.token_embedding(text).to(cast) + model.positional_embedding[:n].to(cast)
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
     x = open_clip.transformer.text_global_pool(x, text, "argmax")
-    x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    if isinstance(model.text_projection, torch.nn.Linear):
+        x = model.text_projection(x)
+    elif model.text_projection is not None:
+        x = x @ model.text_projection
     return torch.nn.functional.normalize(x, dim=-1) if normalize else x
 
 
@@ -125,7 +131,9 @@ class DualEncoder(torch.nn.Module):
         return out
 
 
-OPTIMIZER = "adamw-fused"
+# The kernels' choices that change a run's float rounding (fused AdamW, channels_last, the text tower run to the
+# last end-of-text token): run identities name them, so a run made under other choices is not resumed with these.
+NUMERICS = "adamw-fused, channels_last, trimmed-text"
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, vit: bool,
@@ -135,7 +143,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, vit: 
     betas and eps default to open_clip's for ViTs (0.9/0.98, 1e-6) and ResNets (0.9/0.999, 1e-8).
     torch's fused kernel (CPU and CUDA): one pass over the parameters, 6x faster than the default foreach on
     rn-tiny's 8M parameters (52 -> 9 ms a step on one core, 20% of a 32 px MMCL step), the same update up to
-    rounding. Run identities name it (OPTIMIZER), so runs made with another implementation are not resumed."""
+    rounding. Run identities name it (NUMERICS), so runs made with another implementation are not resumed."""
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:

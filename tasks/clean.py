@@ -22,7 +22,7 @@ from core.data.shards import atomic_write_json, check_shards, digest, file_sha25
 from core.errors import InputError
 from core.metrics import EvalError, attack_target, check_eval_sets, evaluate, flat, load_classes, target_index
 from core.model import (
-    OPTIMIZER, DualEncoder, RunStopped, build_model, for_device, forward_backward, is_vit, make_optimizer, non_finite,
+    NUMERICS, DualEncoder, RunStopped, build_model, for_device, forward_backward, is_vit, make_optimizer, non_finite,
     optimizer_step, schedule, to_device,
 )
 from defences import OPTIONS
@@ -101,7 +101,7 @@ def run_identity(params: Params, model: str, defence: str, lr: float) -> str:
     rate, and the digests of the cleaning data and eval sets (with their target). Not: the runner,
     threads, evaluation batch size, or the other learning rates of the sweep."""
     cfg = clean_config(params)
-    return digest({"seed": params.training_seed, "clean": cfg.identity(), "optimizer": OPTIMIZER, "model": model,
+    return digest({"seed": params.training_seed, "clean": cfg.identity(), "numerics": NUMERICS, "model": model,
                    "defence": defence, "lr": lr,
                    "checkpoint": exported_sha256(checkpoint_of(params, model)),
                    "options": OPTIONS[defence] | cfg.defence_options.get(defence, {}),

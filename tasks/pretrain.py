@@ -22,7 +22,7 @@ from core.data.shards import ShardError, atomic_write_json, check_shards, digest
 from core.errors import InputError, permanent
 from core.frontier import CONTROL_PREFIX
 from core.model import (
-    OPTIMIZER, DualEncoder, RunStopped, build_model, for_device, forward_backward, is_vit, make_optimizer,
+    NUMERICS, DualEncoder, RunStopped, build_model, for_device, forward_backward, is_vit, make_optimizer,
     model_config, non_finite, optimizer_step, schedule, to_device,
 )
 from objectives import WEIGHTS
@@ -51,7 +51,7 @@ def fingerprint(params: Params, objective: str, control: bool, data: str, model_
     ident = cfg.identity() | {"split": split}
     if not cfg.compile:
         del ident["compile"]
-    return digest({"seed": params.training_seed, "pretrain": ident, "optimizer": OPTIMIZER, "model_config": model_cfg,
+    return digest({"seed": params.training_seed, "pretrain": ident, "numerics": NUMERICS, "model_config": model_cfg,
                    "objective": objective,
                    "weights": WEIGHTS[objective] | cfg.weights.get(objective, {}), "control": control, "data": data}, 12)
 

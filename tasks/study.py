@@ -13,6 +13,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -356,14 +357,18 @@ def _curve(points: list[dict], poisoned: dict, drops) -> list[float]:
 
 
 def _band(stats: list[dict]) -> tuple[list, list] | None:
-    """A dose-response line's band (%): the 95% t interval over seeds; with one seed, the eval's own Wilson
-    interval where the metric has one (ASR); else none."""
-    if all(s["low"] is not None for s in stats):
-        return [s["low"] * 100 for s in stats], [s["high"] * 100 for s in stats]
-    evals = [s.get("seeds", [{}])[0] if s["n"] == 1 else {} for s in stats]
-    if all(isinstance(e, dict) and e.get("eval_low") is not None for e in evals):
-        return [e["eval_low"] * 100 for e in evals], [e["eval_high"] * 100 for e in evals]
-    return None
+    """A dose-response line's band (%), point by point: the 95% t interval over seeds; at a point with one
+    seed, the eval's own Wilson interval where the metric has one (ASR, not a net residual); NaN (a gap)
+    where neither exists. None when no point has a band."""
+    def point(s: dict) -> tuple[float, float]:
+        if s["low"] is not None:
+            return s["low"] * 100, s["high"] * 100
+        seed = s.get("seeds", [None])[0] if s["n"] == 1 else None
+        if isinstance(seed, dict) and seed.get("eval_low") is not None:
+            return seed["eval_low"] * 100, seed["eval_high"] * 100
+        return math.nan, math.nan
+    low, high = zip(*(point(s) for s in stats))
+    return None if all(math.isnan(v) for v in low) else (list(low), list(high))
 
 
 def figures(study: dict, members: list[dict], out: Path) -> list[str]:
@@ -423,7 +428,7 @@ def figures(study: dict, members: list[dict], out: Path) -> list[str]:
         ax.set_xscale("log" if min(r["x"] for r in rows) > 0 else "symlog")  # a dose of 0 has no log
         ax.set_xlabel(axis)
         ax.set_ylabel("%")
-        ax.set_title("dose-response: mean; band: 95% CI over seeds (one seed: the eval's 95% Wilson interval)",
+        ax.set_title("dose-response: mean; band: 95% CI over seeds (ASR with one seed: the eval's Wilson interval)",
                      fontsize=8)
         ax.legend(fontsize=7)
         written.append(save_figure(fig, out / "dose_response.png", dpi=110))

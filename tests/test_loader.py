@@ -33,6 +33,11 @@ def batches(folder, loader_workers, **kw):
     return [list(stream.epoch(e, skip_batches=s)) for e, s in ((0, 0), (1, 2))]
 
 
+def cached_batches(folder, loader_workers, **kw):
+    """`batches` with a cache (used with a thread, set aside with loader processes): epoch 1 from memory."""
+    return batches(folder, loader_workers, cache=SampleCache(limit_mb=1), **kw)
+
+
 def same(a, b):
     return len(a) == len(b) and all(
         x.keys() == y.keys() and x["keys"] == y["keys"] and all(torch.equal(x[k], y[k]) for k in x if k != "keys")
@@ -50,6 +55,8 @@ def test_batches_are_byte_identical_for_0_1_and_3_loader_processes(tmp_path, spl
     assert reference[0][0]["keys"] != reference[1][0]["keys"]  # epochs are shuffled apart
     for workers in (1, 3):
         assert all(same(a, b) for a, b in zip(reference, batches(tmp_path / "s", workers, **kw))), workers
+    for workers in (0, 3):  # the cache (thread: epoch 1 from memory; processes: none) changes no byte
+        assert all(same(a, b) for a, b in zip(reference, cached_batches(tmp_path / "s", workers, **kw))), workers
 
 
 def test_a_cache_gives_the_same_batches_and_a_later_epoch_reads_no_tar(tmp_path):

@@ -128,3 +128,18 @@ def test_text_trimmed_to_the_longest_caption_gives_open_clips_embeddings_and_gra
     (a, ga), (b, gb) = grads
     assert torch.allclose(a, b, atol=1e-6) and ga.keys() == gb.keys()
     assert all(torch.allclose(ga[n], gb[n], rtol=0, atol=1e-5 * ga[n].abs().max()) for n in ga)  # float rounding
+    lengths = []  # and it did run trimmed: the transformer saw the longest caption's tokens, not the context
+    model.transformer.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
+    encode_text(model, tokens)
+    assert lengths == [int(tokens.argmax(dim=1).max()) + 1]
+
+
+def test_a_caption_and_its_view_in_one_text_pass_equal_two_passes():
+    torch.manual_seed(0)
+    model, _, tokenizer = build_model("rn-tiny", "mmcl_ssl")
+    images = torch.randn(2, 3, 32, 32)
+    batch = {"image": images, "image_aug": images.flip(-1), "text": tokenizer(["a red circle", "a blue square"]),
+             "text_aug": tokenizer(["a red round circle on a table", "square"])}
+    out = DualEncoder(model)(batch)
+    assert torch.allclose(out["text"], encode_text(model, batch["text"]), atol=1e-6)
+    assert torch.allclose(out["text_aug"], encode_text(model, batch["text_aug"]), atol=1e-6)

@@ -55,15 +55,19 @@ class SampleCache:
     decodes no image and tokenizes no caption. The generated corpus' 10k 32 px pairs take 30 MiB of bytes
     and 120 MiB of float images; parsing tars (Python's tarfile) was half the loader's time there,
     decoding and preprocessing a third. What does not fit is read and decoded each pass, as without a
-    cache; a shard is kept whole or not at all, and the samples come in the same order either way. It
-    fills in the process that reads: forked loader processes start each epoch from what the trainer
-    held. One cache per `preprocess` and tokenizer; cached samples are shared, never modified."""
+    cache; a shard is kept whole or not at all, and the samples come in the same order either way. For
+    decoding in the reader's own process (a thread): loader processes are forked afresh each epoch and
+    would fill copies that are thrown away, so BatchStream and `predict` use none with them. One cache per
+    `preprocess` and tokenizer; what it holds is shared, never modified."""
 
     def __init__(self, limit_mb: float = 0):
         self.limit, self.used = int(limit_mb * 2**20), 0
         self._shards: dict[str, list[dict]] = {}
         self._images: dict[tuple[str, str], tuple] = {}
         self._tokens: dict[str, torch.Tensor] = {}
+
+    def _fits(self, size: int) -> bool:
+        return self.used + size <= self.limit
 
     def samples(self, urls: list[str]) -> Iterator[dict]:
         """The webdataset samples (dicts of bytes with `__key__` and `__url__`) of the tars `urls`, in order."""
@@ -75,38 +79,39 @@ class SampleCache:
             for sample in wds.tarfile_to_samples()([{"url": url}]):
                 if kept is not None:
                     size += sum(len(v) for v in sample.values() if isinstance(v, bytes))
-                    if self.used + size <= self.limit:
+                    if self._fits(size):
                         kept.append(sample)
                     else:  # kept whole or not at all
                         kept = None
                 yield sample
-            if kept is not None:
+            if kept is not None and self._fits(size):  # images cached meanwhile count too
                 self._shards[url], self.used = kept, self.used + size
 
     def image(self, sample: dict, preprocess: Callable, keep_decoded: bool = False) -> tuple:
-        """(`preprocess` of the sample's image, e.g. a [3, H, W] tensor; the decoded PIL image when
-        `keep_decoded`, else None). ShardError as `decode_sample_image`."""
+        """(`preprocess` of the sample's image, a [3, H, W] tensor; the decoded PIL image when `keep_decoded`,
+        else None). Only tensors are kept (their size is known). ShardError as `decode_sample_image`."""
         at = (sample.get("__url__", ""), sample["__key__"])
         hit = self._images.get(at)
         if hit is not None and (hit[1] is not None or not keep_decoded):
             return hit
         decoded = decode_sample_image(sample)
         out = (preprocess(decoded), decoded if keep_decoded else None)
-        size = ((out[0].nbytes if torch.is_tensor(out[0]) else 0)
-                + (decoded.width * decoded.height * len(decoded.getbands()) if keep_decoded else 0))
-        if self.used + size <= self.limit:
-            self._images[at], self.used = out, self.used + size
+        if torch.is_tensor(out[0]):
+            size = out[0].nbytes + (decoded.width * decoded.height * len(decoded.getbands()) if keep_decoded else 0)
+            if hit is not None:  # kept before without its decoded image: replaced, not counted twice
+                self.used -= hit[0].nbytes
+            if self._fits(size):
+                self._images[at], self.used = out, self.used + size
         return out
-
 
     def tokens(self, texts: list[str], tokenizer: Callable) -> torch.Tensor:
         """`tokenizer(texts)`, [B, L] token ids, each text tokenized once while the cache has room (open_clip's
         tokenizer runs ftfy and a regex over every caption: 2.6 ms a batch of 64, twice with the EDA view)."""
         missing = [t for t in dict.fromkeys(texts) if t not in self._tokens]
-        new = dict(zip(missing, tokenizer(missing).clone())) if missing else {}  # rows of their own
+        new = dict(zip(missing, (row.clone() for row in tokenizer(missing)))) if missing else {}
         for text, row in new.items():
             size = row.nbytes + len(text)
-            if self.used + size <= self.limit:
+            if self._fits(size):
                 self._tokens[text], self.used = row, self.used + size
         return torch.stack([self._tokens.get(t, new.get(t)) for t in texts])
 
@@ -116,8 +121,8 @@ class BatchStream:
 
     Raises ValueError if `global_batch` is not divisible by `world`, ShardError if the `shards` split
     has fewer shards than workers (the numbers named) and, while streaming, if a sample cannot be
-    decoded or a loader process dies (the shard and key named). A `cache` keeps samples and decoded
-    images between epochs."""
+    decoded or a loader process dies (the shard and key named). A `cache` keeps samples, decoded images
+    and tokens between epochs when decoding runs in a thread (`loader_workers` 0)."""
 
     def __init__(self, data_dir: Path, global_batch: int, rank: int, world: int, seed: int,
                  preprocess: Callable, tokenizer: Callable, views: frozenset = frozenset(),
@@ -138,7 +143,7 @@ class BatchStream:
         self.preprocess, self.tokenizer, self.views = preprocess, tokenizer, frozenset(views)
         self.shuffle_buffer, self.loader_workers, self.pin_memory = shuffle_buffer, loader_workers, pin_memory
         self.text_views = TextViews(seed) if "text_aug" in self.views else None
-        self.cache = cache or SampleCache()
+        self.cache = cache if cache is not None and not loader_workers else SampleCache()
 
     @property
     def steps_per_epoch(self) -> int:
