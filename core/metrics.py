@@ -73,8 +73,9 @@ def classifier(model, tokenizer, classes: dict, device) -> torch.Tensor:
 
 def _batches(eval_dir: Path, preprocess, batch_size: int, part: int = 0, parts: int = 1,
              on_sample: Callable[[dict], None] | None = None, cache: SampleCache | None = None) -> Iterator[dict]:
-    """Batches part, part + parts, ... of an eval set in shard order, decoded: `image` [B, 3, H, W],
-    `labels` [B], `keys` and `captions`; the others are read but not decoded (core.data.loader.parallel).
+    """Batches part, part + parts, ... of a shard folder in shard order, decoded: `image` [B, 3, H, W],
+    `labels` [B] (labelled eval sets), `keys` and `captions`; the others are read but not decoded
+    (core.data.loader.parallel).
     `cache` keeps the samples and images for the next pass."""
     cache = cache or SampleCache()
     samples = cache.samples([str(eval_dir / name) for name in shard_sizes(eval_dir)])
@@ -89,8 +90,9 @@ def _batches(eval_dir: Path, preprocess, batch_size: int, part: int = 0, parts: 
             if on_sample:
                 on_sample(s)
             images.append(cache.image(s, preprocess)[0])
-        yield {"image": torch.stack(images), "labels": torch.tensor([int(s["cls"]) for s in chunk]),
-               "keys": [s["__key__"] for s in chunk], "captions": [s["txt"].decode() for s in chunk]}
+        batch = {"image": torch.stack(images), "keys": [s["__key__"] for s in chunk],
+                 "captions": [s["txt"].decode() for s in chunk]}
+        yield batch | ({"labels": torch.tensor([int(s["cls"]) for s in chunk])} if "cls" in chunk[0] else {})
 
 
 @torch.no_grad()
@@ -120,6 +122,30 @@ def predict(model, weights: torch.Tensor, eval_dir: Path, preprocess, device, ba
     if with_text:
         out |= {"image_embeddings": torch.cat(embeddings), "captions": captions}
     return out
+
+
+@torch.no_grad()
+def embed_pairs(model, preprocess, tokenizer, shard_dir: Path, device, batch_size: int = 256, part: int = 0,
+                parts: int = 1, loader_workers: int = 0, cache: SampleCache | None = None) -> dict:
+    """The L2-normalised embeddings of the (image, caption) pairs of a shard folder under `model` (in eval mode;
+    the caller restores train mode): {"keys": N strings, "image": [N, D], "text": [N, D]} float32 on the CPU,
+    in shard order ([0, 0] when empty). With `parts` > 1, batches part, part + parts, ... only: one worker's
+    share, the rest read but not decoded. ShardError (the shard and key named) if a sample cannot be decoded."""
+    model.eval()
+    cuda = torch.device(device).type == "cuda"
+    cache = None if loader_workers else cache
+    produce = lambda part_, parts_, on_sample: (  # noqa: E731 (each loader process takes its turns of this share)
+        b for i, b in enumerate(_batches(shard_dir, preprocess, batch_size, part, parts, on_sample, cache))
+        if i % parts_ == part_)
+    keys, images, texts = [], [], []
+    for batch in parallel(produce, loader_workers, str(shard_dir), pin_memory=cuda):
+        pixels = batch["image"].to(device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
+        images.append(model.encode_image(pixels, normalize=True).float().cpu())
+        tokens = (cache or SampleCache()).tokens(batch["captions"], tokenizer).to(device)
+        texts.append(encode_text(model, tokens).float().cpu())
+        keys += batch["keys"]
+    return {"keys": keys, "image": torch.cat(images) if images else torch.zeros(0, 0),
+            "text": torch.cat(texts) if texts else torch.zeros(0, 0)}
 
 
 def zero_shot_metrics(pred: dict, classnames: list[str]) -> dict:

@@ -93,3 +93,32 @@ def seeds_for(alpha: float = 0.05) -> int:
     """The fewest seeds with which an exact two-sided sign (or sign-flip) test can reach p < alpha: every
     seed agreeing gives p = 2 / 2^n."""
     return next(n for n in range(1, 64) if 2 / 2 ** n < alpha)
+
+
+def detection_metrics(scores: Sequence[float], poisoned: Sequence[bool], confidence: float = CONFIDENCE) -> dict:
+    """How well `scores` (higher: more likely poisoned) rank the poisoned pairs (`poisoned`, the ground truth):
+    AUROC (sklearn.metrics.roc_auc_score) with its Hanley-McNeil (1982) interval, the sampling error of one
+    ranking; average precision (sklearn.metrics.average_precision_score; chance level: the poison rate); and
+    the recall at the true poison count k, the share of poisons among the k top-scored pairs (k: what a
+    defender who knows the poison budget would drop). Ties in the top k are broken by position.
+
+    Returns {auroc, auroc_low, auroc_high, average_precision, poison_rate, recall_at_k, k, n}. Raises
+    ValueError on unequal lengths, scores that are not finite, or a ground truth with no poison or no clean pair."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    s, y = np.asarray(scores, dtype=float), np.asarray(poisoned, dtype=bool)
+    if s.shape != y.shape or s.ndim != 1:
+        raise ValueError(f"detection_metrics needs one score per pair: {s.size} scores for {y.size} pairs")
+    if not np.isfinite(s).all():
+        raise ValueError(f"detection_metrics: {int((~np.isfinite(s)).sum())} scores are not finite")
+    k, n = int(y.sum()), int(y.size)
+    if k in (0, n):
+        raise ValueError(f"detection_metrics needs poisoned and clean pairs, got {k} poisoned of {n}")
+    auc = float(roc_auc_score(y, s))
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)  # Hanley & McNeil's exponential approximation
+    se = math.sqrt((auc * (1 - auc) + (k - 1) * (q1 - auc * auc) + (n - k - 1) * (q2 - auc * auc)) / (k * (n - k)))
+    z = stats.norm.ppf(0.5 + confidence / 2)
+    top = np.argsort(-s, kind="stable")[:k]
+    return {"auroc": auc, "auroc_low": max(0.0, auc - z * se), "auroc_high": min(1.0, auc + z * se),
+            "average_precision": float(average_precision_score(y, s)), "poison_rate": k / n,
+            "recall_at_k": float(y[top].mean()), "k": k, "n": n}

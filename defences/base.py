@@ -1,10 +1,23 @@
-"""A cleaning defence: how to prepare a poisoned model, and which objective to fine-tune it with."""
+"""The two kinds of defence.
+
+A cleaning defence (`Defence`, the clean stage): how to prepare a poisoned model, the encoder that
+computes what its loss needs, and the objective to fine-tune it with.
+
+A pre-training defence (`PretrainingDefence`, the pretrain stage, with any objective): it changes what
+the objective sees (`outputs`) and may look at the whole training set between epochs (`begin_epoch`).
+The loader is untouched, so the batches stay those of the undefended run: same bytes for any number of
+workers or loader processes; the defence's state is the same on every worker (it only uses global,
+gathered values) and travels in the checkpoint (`state_dict`), so a resumed run continues it.
+"""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
-from objectives.registry import get_objective
+from core.model import DualEncoder
 from objectives.base import Objective
+from objectives.registry import get_objective
 
 
 class Defence:
@@ -18,3 +31,40 @@ class Defence:
 
     def prepare(self, model: torch.nn.Module, fresh: torch.nn.Module) -> None:
         """Change the model in place before fine-tuning; `fresh` is a newly initialised twin."""
+
+    def encoder(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module whose outputs the objective reads (core.model.DualEncoder's, by default)."""
+        return DualEncoder(model)
+
+
+Embed = Callable[[], dict]  # () -> {"keys": N, "image": [N, D], "text": [N, D]}: every training pair, now
+
+
+class PretrainingDefence:
+    """No defence: the objective as it is. Subclasses override what they change."""
+
+    name: str = "none"
+    views: frozenset[str] = frozenset()  # loader views it needs besides the objective's
+    keyed: bool = False  # whether `begin_step` needs the step's keys (gathering them costs a collective a step)
+
+    def begin_epoch(self, epoch: int, embed: Embed, seed: int) -> dict:
+        """Before epoch `epoch` (0-based): look at the training set if needed (`embed`, the same on every
+        worker); returns what to log."""
+        return {}
+
+    def wrap(self, objective: Objective) -> Objective:
+        """The objective as this defence trains with it in the current epoch."""
+        return objective
+
+    def begin_step(self, keys: list[str] | None) -> None:
+        """Before each optimiser step; `keys` (when `keyed`): the step's global batch in row order (rank by
+        rank, each rank's micro-batches in turn), as the objective's gathered rows."""
+
+    def end_step(self) -> None:
+        """After each optimiser step."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -7,7 +7,9 @@ embeddings `image` and `text` ([B, D]), `logit_scale` (the learnable log of the 
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
 import torch.distributed as dist
@@ -56,14 +58,43 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def pre_gathered():
+    """Objectives called inside see outputs that are already the global batch (`gather_rows`): they gather
+    nothing more. For losses on a subset of the global batch (SafeCLIP's safe and risky pairs)."""
+    before, _local.gathered = getattr(_local, "gathered", False), True
+    try:
+        yield
+    finally:
+        _local.gathered = before
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """The global batch of a local [B, ...] tensor in rank order, with gradient when it has one
+    (torch.distributed.nn.all_gather, as open_clip's --gather-with-grad); itself on one process."""
+    rank, world_size = world()
+    if world_size == 1:
+        return t
+    if t.requires_grad:
+        import torch.distributed.nn as dist_nn
+
+        return torch.cat(dist_nn.all_gather(t), dim=0)
+    parts = [torch.empty_like(t) for _ in range(world_size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)
+
+
 def gather_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The global batch of two local [B, D] tensors, with gradient (open_clip --gather-with-grad).
 
     Every rank then computes the same global loss; with DDP's gradient averaging the parameter
-    gradients equal those of one process on the concatenated batch.
+    gradients equal those of one process on the concatenated batch. Inside `pre_gathered`, (a, b) as they are.
     """
     rank, world_size = world()
-    if world_size == 1:
+    if world_size == 1 or getattr(_local, "gathered", False):
         return a, b
     return gather_features(a, b, gather_with_grad=True, rank=rank, world_size=world_size)
 

@@ -22,7 +22,7 @@ from core.data.shards import atomic_write_json, check_shards, digest, file_sha25
 from core.errors import InputError
 from core.metrics import EvalError, attack_target, check_eval_sets, evaluate, flat, load_classes, target_index
 from core.model import (
-    NUMERICS, DualEncoder, RunStopped, build_model, for_device, forward_backward, is_vit, make_optimizer, non_finite,
+    NUMERICS, RunStopped, build_model, for_device, forward_backward, is_vit, make_optimizer, non_finite,
     optimizer_step, schedule, to_device,
 )
 from defences import OPTIONS
@@ -140,7 +140,7 @@ def clean_run(params: Params, model_name: str, defence_name: str, lr: float) -> 
     total = cfg.epochs * stream.steps_per_epoch
     optimizer = make_optimizer(model, lr, cfg.weight_decay, is_vit(meta["open_clip_config"]))
     scheduler = schedule(optimizer, cfg.warmup_steps, total)
-    wrapper = DualEncoder(model)
+    wrapper = defence.encoder(model)
     best, started, diverged = None, time.time(), None
     for epoch in range(cfg.epochs):
         model.train()

@@ -15,10 +15,11 @@ from pydantic import (
 )
 
 from core.errors import InputError
-from defences import OPTIONS as DEFENCES
+from defences import OPTIONS as DEFENCES, PRETRAINING as PRETRAINING_DEFENCES
+from detectors import OPTIONS as DETECTORS
 from objectives import WEIGHTS as OBJECTIVES
 
-STAGES = ("curate", "poison", "pretrain", "clean", "evaluate")  # the pipeline's order (dvc.yaml), a section each
+STAGES = ("curate", "poison", "pretrain", "detect", "clean", "evaluate")  # the pipeline's order (dvc.yaml), a section each
 SOURCE_NAME = r"^[a-z][a-z0-9]{0,15}$"  # becomes the key prefix: no dots, underscores or slashes
 
 
@@ -288,7 +289,7 @@ class PretrainConfig(Section):
     # under the shards split), bf16 autocast on GPUs
     OPERATIONAL = frozenset({"concurrent_runs", "threads_per_worker", "loader_workers", "cache_mb", "max_failures",
                              "checkpoint_every", "keep_checkpoints", "log_every"})
-    RUNS = frozenset({"objectives", "controls", "weights"})
+    RUNS = frozenset({"objectives", "controls", "weights", "defences", "defence_options"})
 
     data_dir: Path = Path("data/poisoned/train")  # the (poisoned) training shards
     control_data_dir: Path = Path("data/curated/train")  # the unpoisoned shards, for the controls
@@ -297,6 +298,9 @@ class PretrainConfig(Section):
     objectives: Annotated[list[str], Field(min_length=1)] = ["mmcl", "mmcl_ssl"]
     controls: list[str] = ["mmcl"]  # objectives also trained on the unpoisoned shards: the controls
     weights: dict[str, dict[str, Real]] = {}  # per objective, over objectives.WEIGHTS, e.g. {mmcl_ssl: {ssl: 2}}
+    # pre-training defences, each with every objective ("none": undefended); models <objective>+<defence>
+    defences: Annotated[list[str], Field(min_length=1)] = ["none"]
+    defence_options: dict[str, dict[str, Real]] = {}  # per defence, over defences.PRETRAINING
     model: Annotated[str, Field(min_length=1)] = "rn-tiny"  # an open_clip model name or a config in models/
     epochs: Annotated[StrictInt, Field(ge=1)] = 8
     batch_size: Annotated[StrictInt, Field(ge=2)] = 64  # samples per optimiser step, over all workers and micro-batches
@@ -336,6 +340,16 @@ class PretrainConfig(Section):
     @classmethod
     def _known_weights(cls, weights: dict) -> dict:
         return _known_options(weights, OBJECTIVES, "objective", "weights")
+
+    @field_validator("defences")
+    @classmethod
+    def _known_pretraining_defences(cls, names: list[str]) -> list[str]:
+        return _known(names, PRETRAINING_DEFENCES, "pre-training defence")
+
+    @field_validator("defence_options")
+    @classmethod
+    def _known_pretraining_options(cls, options: dict) -> dict:
+        return _known_options(options, PRETRAINING_DEFENCES, "pre-training defence", "options")
 
     @model_validator(mode="after")
     def _batch_divides(self):
@@ -390,13 +404,44 @@ class CleanConfig(Section):
         return _known_options(options, DEFENCES, "defence", "options")
 
 
+class DetectConfig(Section):
+    """Poisoned-pair detection (tasks/detect.py): every training pair scored under each poisoned model."""
+
+    PATHS = frozenset({"data_dir", "manifest", "models_dir", "out_dir", "metrics_dir"})
+    OPERATIONAL = frozenset({"batch_size", "use_gpu", "loader_workers", "cache_mb"})
+
+    data_dir: Path = Path("data/poisoned/train")  # the training pairs to score
+    manifest: Path = Path("data/poisoned/poison_manifest.parquet")  # the ground truth
+    models_dir: Path = Path("data/models/pretrain")
+    out_dir: Path = Path("data/detect")  # <model>/scores.parquet
+    metrics_dir: Path = Path("data/metrics")  # detection.json
+    models: list[str] | None = None  # folders of models_dir; None: every poisoned (non-control) model
+    detectors: Annotated[list[str], Field(min_length=1)] = ["similarity", "density", "spectral"]
+    detector_options: dict[str, dict[str, Real]] = {}  # per detector, over detectors.OPTIONS
+    batch_size: Annotated[StrictInt, Field(ge=1)] = 256
+    use_gpu: Literal["auto", True, False] = "auto"
+    loader_workers: Annotated[StrictInt, Field(ge=0)] = 0
+    cache_mb: Annotated[Real, Field(ge=0)] = 1024
+
+    @field_validator("detectors")
+    @classmethod
+    def _known_detectors(cls, names: list[str]) -> list[str]:
+        return _known(names, DETECTORS, "detector")
+
+    @field_validator("detector_options")
+    @classmethod
+    def _known_detector_options(cls, options: dict) -> dict:
+        return _known_options(options, DETECTORS, "detector", "options")
+
+
 class EvaluateConfig(Section):
-    PATHS = frozenset({"eval_dir", "models_dir", "cleaned_dir", "metrics_dir", "plots_dir", "report_dir"})
+    PATHS = frozenset({"eval_dir", "models_dir", "cleaned_dir", "detection", "metrics_dir", "plots_dir", "report_dir"})
     OPERATIONAL = frozenset({"batch_size", "use_gpu", "loader_workers"})
 
     eval_dir: Path = Path("data/poisoned/eval")  # labelled/ and asr/ (triggered non-target images)
     models_dir: Path = Path("data/models/pretrain")  # every */model.pt is evaluated
     cleaned_dir: Path = Path("data/models/cleaned")  # <pretrained>/<defence>/sweep.json: the cleaned models
+    detection: Path = Path("data/metrics/detection.json")  # the detect stage's metrics, in the report when present
     metrics_dir: Path = Path("data/metrics")  # DVC metrics
     plots_dir: Path = Path("data/plots")  # DVC plots (CSV)
     report_dir: Path = Path("reports")  # report.md and figures
@@ -455,6 +500,7 @@ class Params(Strict):
     curate: CurateConfig
     poison: PoisonConfig | None = None
     pretrain: PretrainConfig | None = None
+    detect: DetectConfig | None = None
     clean: CleanConfig | None = None
     evaluate: EvaluateConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()

@@ -99,5 +99,6 @@ def run_evaluation(params: Params) -> dict:
     atomic_write_json(cfg.metrics_dir / "pretrain.json", pretrained)
     atomic_write_json(cfg.metrics_dir / "frontier.json", table)
     write_plots(params, sweeps)
-    report = write_report(params, target_of(params), pretrained, sweeps, table)
+    detection = json.loads(cfg.detection.read_text()) if cfg.detection.is_file() else None
+    report = write_report(params, target_of(params), pretrained, sweeps, table, detection)
     return {"pretrained": pretrained, "cells": table, "report": str(report)}

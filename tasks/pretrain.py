@@ -25,6 +25,9 @@ from core.model import (
     NUMERICS, DualEncoder, RunStopped, build_model, for_device, forward_backward, is_vit, make_optimizer,
     model_config, non_finite, optimizer_step, schedule, to_device,
 )
+from core.metrics import embed_pairs
+from defences import PRETRAINING
+from defences.registry import get_pretraining_defence
 from objectives import WEIGHTS
 from objectives.registry import get_objective
 from tasks.config import Params, PretrainConfig, parse_params, require_section
@@ -38,30 +41,45 @@ def pretrain_config(params: Params) -> PretrainConfig:
     return require_section(params, "pretrain", PretrainError)
 
 
-def run_label(objective: str, control: bool) -> str:
-    return CONTROL_PREFIX + objective if control else objective
+def run_label(objective: str, control: bool, defence: str = "none") -> str:
+    """The model's folder name: <objective>, <objective>+<pre-training defence>, control-<objective>."""
+    return CONTROL_PREFIX + objective if control else objective if defence == "none" else f"{objective}+{defence}"
 
 
-def fingerprint(params: Params, objective: str, control: bool, data: str, model_cfg: dict, split: str) -> str:
+def defence_of(params: Params, defence: str):
+    return get_pretraining_defence(defence, **params.pretrain.defence_options.get(defence, {}))
+
+
+def fingerprint(params: Params, objective: str, control: bool, data: str, model_cfg: dict, split: str,
+                defence: str = "none") -> str:
     """The run's identity: what it computes from which data (the seed, `PretrainConfig.identity` with the
     split `auto` resolved to, the optimiser's implementation, the model's open_clip config, the objective and the weights it trains
-    with, the data digest), so a rerun resumes only the same run. `compile` counts only when on (off is
-    the plain computation that runs made before the switch existed)."""
+    with, the pre-training defence and its options (when one is on), the data digest), so a rerun resumes only
+    the same run. `compile` counts only when on (off is the plain computation that runs made before the switch existed)."""
     cfg = params.pretrain
     ident = cfg.identity() | {"split": split}
     if not cfg.compile:
         del ident["compile"]
+    guard = {} if defence == "none" else {
+        "defence": {defence: PRETRAINING[defence] | cfg.defence_options.get(defence, {})}}
     return digest({"seed": params.training_seed, "pretrain": ident, "numerics": NUMERICS, "model_config": model_cfg,
-                   "objective": objective,
-                   "weights": WEIGHTS[objective] | cfg.weights.get(objective, {}), "control": control, "data": data}, 12)
+                   "objective": objective, "weights": WEIGHTS[objective] | cfg.weights.get(objective, {}),
+                   "control": control, "data": data} | guard, 12)
 
 
-def plan_run(params: Params, objective: str, control: bool = False) -> dict:
-    """Everything a run needs, checked before Ray starts: model, objective views, data, batch size."""
+def plan_run(params: Params, objective: str, control: bool = False, defence: str = "none") -> dict:
+    """Everything a run needs, checked before Ray starts: model, objective views, pre-training defence, data,
+    batch size."""
     cfg = pretrain_config(params)
     mcfg = model_config(cfg.model, "pretrain.model")
     obj = get_objective(objective, **cfg.weights.get(objective, {}))
-    unsupported = sorted(obj.views - SUPPORTED_VIEWS)
+    try:
+        views = obj.views | defence_of(params, defence).views
+    except (KeyError, TypeError, ValueError) as err:
+        raise PretrainError(f"pretrain.defences: {err}") from None
+    if control and defence != "none":
+        raise PretrainError(f"pretrain: the controls are trained without a pre-training defence, not {defence!r}")
+    unsupported = sorted(views - SUPPORTED_VIEWS)
     if unsupported:
         raise PretrainError(f"objective {objective!r} needs views {unsupported} that the loader cannot build "
                             f"(it builds {sorted(SUPPORTED_VIEWS)})")
@@ -76,18 +94,18 @@ def plan_run(params: Params, objective: str, control: bool = False) -> dict:
         raise PretrainError(f"pretrain.split shards: {data_dir} has {n_shards} shards for pretrain.num_workers="
                             f"{cfg.num_workers}; each worker needs a shard: set pretrain.split samples (or auto), or "
                             f"curate with a smaller curate.shard_maxcount")
-    label = run_label(objective, control)
-    run_id = f"{label}-{fingerprint(params, objective, control, data, mcfg, split)}"
+    label = run_label(objective, control, defence)
+    run_id = f"{label}-{fingerprint(params, objective, control, data, mcfg, split, defence)}"
     storage = cfg.storage_dir if "://" in cfg.storage_dir else str(Path(cfg.storage_dir).resolve())
-    return {"objective": objective, "control": control, "label": label, "run_id": run_id,
+    return {"objective": objective, "control": control, "defence": defence, "label": label, "run_id": run_id,
             "data_dir": str(data_dir.resolve()),  # Ray workers run in their own working directory
             "n_samples": n, "steps_per_epoch": n // cfg.batch_size, "model_config": mcfg,
-            "storage": storage, "out_dir": str(cfg.out_dir / label), "views": sorted(obj.views)}
+            "storage": storage, "out_dir": str(cfg.out_dir / label), "views": sorted(views)}
 
 
-def _save_checkpoint(directory: Path, model, optimizer, scheduler, position: dict, run: dict) -> None:
+def _save_checkpoint(directory: Path, model, optimizer, scheduler, guard, position: dict, run: dict) -> None:
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), **position}, directory / "state.pt")
+                "scheduler": scheduler.state_dict(), "defence": guard.state_dict(), **position}, directory / "state.pt")
     atomic_write_json(directory / "meta.json", {"model_config": run["model_config"], "objective": run["objective"],
                                                 "run_id": run["run_id"], "sha256": file_sha256(directory / "state.pt"),
                                                 **position})
@@ -97,8 +115,8 @@ class DamagedCheckpoint(Exception):
     """A checkpoint folder that cannot be read back as written (a copy cut short, a damaged file)."""
 
 
-def _load_checkpoint(directory: Path, model, optimizer, scheduler, run: dict) -> dict:
-    """Restore model, optimiser and schedule from a checkpoint folder; returns its data position.
+def _load_checkpoint(directory: Path, model, optimizer, scheduler, guard, run: dict) -> dict:
+    """Restore model, optimiser, schedule and the defence's state from a checkpoint folder; returns its data position.
     Raises DamagedCheckpoint if its files are missing, unreadable or not those meta.json hashed."""
     try:
         meta = json.loads((directory / "meta.json").read_text())
@@ -117,6 +135,7 @@ def _load_checkpoint(directory: Path, model, optimizer, scheduler, run: dict) ->
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    guard.load_state_dict(state.get("defence", {}))
     return {k: state[k] for k in ("step", "epoch", "batch")}
 
 
@@ -131,7 +150,7 @@ def _stored_checkpoints(fs, folder: str, but: str = "") -> list:
     return [ray.train.Checkpoint(path=p, filesystem=fs) for p in names]
 
 
-def _resume(checkpoint, model, optimizer, scheduler, run: dict, log_path: Path, rank: int) -> dict:
+def _resume(checkpoint, model, optimizer, scheduler, guard, run: dict, log_path: Path, rank: int) -> dict:
     """Restore the newest readable checkpoint: Ray's latest, then the older ones, saying which were
     skipped. Without one from Ray (killed after a checkpoint was copied, before Ray recorded it),
     those in the run's storage folder. The start position (step 0 if none is readable)."""
@@ -143,7 +162,7 @@ def _resume(checkpoint, model, optimizer, scheduler, run: dict, log_path: Path, 
     for candidate in candidates:
         with candidate.as_directory() as d:
             try:
-                position = _load_checkpoint(Path(d), model, optimizer, scheduler, run)
+                position = _load_checkpoint(Path(d), model, optimizer, scheduler, guard, run)
             except DamagedCheckpoint as err:
                 if rank == 0:
                     print(f"[{run['label']}] skipping a damaged checkpoint: {err}", flush=True)
@@ -204,6 +223,33 @@ def _first_problem(problem: str | None, world: int, device: torch.device) -> str
     return next(p for p in problems if p)
 
 
+def _step_keys(micro: list[dict], world: int) -> list[str]:
+    """The step's global batch keys in the objective's row order: rank by rank, each rank's micro-batches in turn."""
+    keys = [k for mb in micro for k in mb["keys"]]
+    if world == 1:
+        return keys
+    import torch.distributed as dist
+
+    every = [None] * world
+    dist.all_gather_object(every, keys)
+    return [k for part in every for k in part]
+
+
+def _all_pairs(mine: dict, world: int) -> dict:
+    """Every worker's share of `embed_pairs` joined (in key order: the same on every worker, whatever `world`)."""
+    shares = [mine]
+    if world > 1:
+        import torch.distributed as dist
+
+        shares = [None] * world
+        dist.all_gather_object(shares, mine)
+    keys = [k for s in shares for k in s["keys"]]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    image = torch.cat([s["image"] for s in shares if len(s["keys"])])[order]
+    text = torch.cat([s["text"] for s in shares if len(s["keys"])])[order]
+    return {"keys": [keys[i] for i in order], "image": image, "text": text}
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -219,9 +265,10 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     model = for_device(model, device)  # before the optimiser, so that resumed optimiser state lands beside its weights
     objective = get_objective(run["objective"], **cfg.weights.get(run["objective"], {}))
+    guard = defence_of(params, run["defence"])
     # accum_steps micro-batches make one optimiser step's global batch of batch_size samples
     stream = BatchStream(Path(run["data_dir"]), cfg.batch_size // cfg.accum_steps, rank, world, params.training_seed, preprocess,
-                         tokenizer, objective.views, cfg.split, cfg.shuffle_buffer, cfg.loader_workers,
+                         tokenizer, frozenset(run["views"]), cfg.split, cfg.shuffle_buffer, cfg.loader_workers,
                          pin_memory=device.type == "cuda", cache=SampleCache(cfg.cache_mb))
     steps_per_epoch = run["steps_per_epoch"]
     total_steps = cfg.epochs * steps_per_epoch
@@ -229,7 +276,7 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = schedule(optimizer, cfg.warmup_steps, total_steps)
     # The per-step log travels inside each checkpoint, so a resumed run (on any node) continues it.
     log_path = Path(tempfile.mkdtemp()) / "train_log.jsonl"
-    position = _resume(ray.train.get_checkpoint(), model, optimizer, scheduler, run, log_path, rank)
+    position = _resume(ray.train.get_checkpoint(), model, optimizer, scheduler, guard, run, log_path, rank)
     encoder = DualEncoder(model)
     ddp = ray.train.torch.prepare_model(torch.compile(encoder) if cfg.compile else encoder)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
@@ -249,7 +296,7 @@ def train_loop_per_worker(config: dict) -> None:
             problem = None
             if rank == 0:
                 try:
-                    _save_checkpoint(Path(tmp), model, optimizer, scheduler, position, run)
+                    _save_checkpoint(Path(tmp), model, optimizer, scheduler, guard, position, run)
                     shutil.copyfile(log_path, Path(tmp) / "train_log.jsonl")
                 except OSError as err:  # e.g. a full disk: the same again on a retry
                     problem = f"saving the checkpoint of step {position['step']} in {tmp}: {err}"
@@ -261,8 +308,18 @@ def train_loop_per_worker(config: dict) -> None:
     step, start_step, started = position["step"], position["step"], time.time()
     window_start, window_samples = started, 0
     accum, micro_per_epoch = cfg.accum_steps, steps_per_epoch * cfg.accum_steps
+    def embed() -> dict:
+        """Every training pair's embeddings under the model now: each worker embeds its share, all get all."""
+        mine = embed_pairs(model, preprocess, tokenizer, Path(run["data_dir"]), device, 256, rank, world, cache=stream.cache)
+        model.train()
+        return _all_pairs(mine, world)
+
     for epoch in range(position["epoch"], cfg.epochs):
         skip = position["batch"] if epoch == position["epoch"] else 0  # micro-batches, at a step boundary
+        said = guard.begin_epoch(epoch, embed, params.training_seed)
+        if said and rank == 0:
+            print(f"[{run['label']}] epoch {epoch}: {run['defence']} {said}", flush=True)
+        loss_fn = guard.wrap(objective)
         batches = stream.epoch(epoch, skip_batches=skip, n_batches=micro_per_epoch)
         for b in range(skip, micro_per_epoch, accum):
             problem, micro = None, []
@@ -273,7 +330,8 @@ def train_loop_per_worker(config: dict) -> None:
                 problem = f"reading batch {b + len(micro)} of epoch {epoch}: {err if isinstance(err, ShardError) else repr(err)}"
             if problem := _first_problem(problem, world, device):
                 return stop(problem)
-            loss, parts = forward_backward(ddp, objective, [to_device(mb, device) for mb in micro], autocast)
+            guard.begin_step(_step_keys(micro, world) if guard.keyed else None)
+            loss, parts = forward_backward(ddp, loss_fn, [to_device(mb, device) for mb in micro], autocast)
             if problem := _first_problem(None if torch.isfinite(loss) else
                                          f"the loss became {loss.item()} at step {step + 1} (epoch {epoch}, batch "
                                          f"{b + accum - 1}, lr {scheduler.get_last_lr()[0]:.3g}); lower pretrain.lr or "
@@ -281,6 +339,7 @@ def train_loop_per_worker(config: dict) -> None:
                 return stop(problem)
             window_samples += sum(len(mb["keys"]) for mb in micro) * world
             optimizer_step(model, optimizer, scheduler, cfg.grad_clip)
+            guard.end_step()
             step += 1
             done_epoch = b + accum == micro_per_epoch
             position = {"step": step, "epoch": epoch + done_epoch, "batch": 0 if done_epoch else b + accum}
@@ -333,14 +392,14 @@ def init_ray(cfg: PretrainConfig) -> None:
                  runtime_env=runtime_env)
 
 
-def train(params: Params, objective: str, control: bool = False) -> dict:
+def train(params: Params, objective: str, control: bool = False, defence: str = "none") -> dict:
     """Train one model (resuming its run if a checkpoint exists) and export it; returns its metrics."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = pretrain_config(params)
-    run = plan_run(params, objective, control)
+    run = plan_run(params, objective, control, defence)
     init_ray(cfg)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if cfg.use_gpu == "auto" else cfg.use_gpu
     threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // (cfg.num_workers * cfg.concurrent_runs))
@@ -377,11 +436,13 @@ def export(params: Params, run: dict, checkpoint, seconds: float, use_gpu: bool)
         shutil.copyfile(Path(d) / "train_log.jsonl", partial / "train_log.jsonl")
     torch.save(state["model"], partial / "model.pt")
     atomic_write_json(partial / "model_config.json", {"model": params.pretrain.model, "objective": run["objective"],
+                                                      "defence": run["defence"],
                                                       "open_clip_config": run["model_config"],
                                                       "sha256": {"model.pt": file_sha256(partial / "model.pt")}})
     records = [json.loads(line) for line in (partial / "train_log.jsonl").read_text().splitlines()]
     rates = [r["samples_per_s"] for r in records if "samples_per_s" in r]
-    metrics = {"objective": run["objective"], "control": run["control"], "model": params.pretrain.model,
+    metrics = {"objective": run["objective"], "control": run["control"], "defence": run["defence"],
+               "model": params.pretrain.model,
                "steps": state["step"], "epochs": params.pretrain.epochs, "final_loss": records[-1]["loss"],
                "first_loss": records[0]["loss"], "samples_per_s": sum(rates) / len(rates) if rates else None,
                "wall_seconds": round(seconds, 1), "workers": params.pretrain.num_workers, "gpu": bool(use_gpu),

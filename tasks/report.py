@@ -46,6 +46,15 @@ def model_rows(pretrained: dict) -> list[dict]:
             for name, m in pretrained.items()]
 
 
+def detection_rows(detection: dict) -> list[dict]:
+    """The detection table of one run: per poisoned model and detector, AUROC [95% Hanley-McNeil CI], average
+    precision beside its chance level (the poison rate) and the recall at the true poison count (%)."""
+    return [{"model": model, "detector": name, "AUROC": f"{pct(m['auroc'])} [{pct(m['auroc_low'])}, {pct(m['auroc_high'])}]",
+             "average precision": f"{pct(m['average_precision'])} (chance {pct(m['poison_rate'])})",
+             "recall at k": f"{pct(m['recall_at_k'])} (k = {m['k']})"}
+            for model, result in detection.items() for name, m in result["detectors"].items()]
+
+
 def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return "_no rows_\n"
@@ -182,7 +191,8 @@ def save_figure(fig, path: Path, dpi: int = 100) -> str:
     return path.name
 
 
-def write_report(params: Params, target: str, pretrained: dict, sweeps: dict, cells: dict) -> Path:
+def write_report(params: Params, target: str, pretrained: dict, sweeps: dict, cells: dict,
+                 detection: dict | None = None) -> Path:
     cfg = params.evaluate
     figures = _figures(cfg.models_dir, sweeps, cells, cfg.report_dir / "figures")
     models = model_rows(pretrained)
@@ -208,6 +218,12 @@ One run of one seed: `python benchmarks/pipeline.py --seeds 0 1 2` gives the spr
 ## Cleaning frontier (accuracy / ASR (CTR) of chosen points)
 
 {markdown_table(table_rows(cells))}
+## Poisoned-pair detection (every training pair, against the poison manifest)
+
+{markdown_table(detection_rows(detection)) if detection else "_the detect stage has not run_" + chr(10)}
+AUROC 50% is chance; below 50% the signal is reversed (for similarity: the poisons fit their captions
+better than clean pairs do, as under a model that learnt the backdoor).
+
 ## The reference study (Verma et al., TMLR 2025), for comparison
 
 {markdown_table(study)}

@@ -28,7 +28,7 @@ from core.stats import binomial_interval, eval_size_for, mean_interval, paired_c
 from tasks.config import STAGES, ConfigError, Params, dump_params, parse_params
 from tasks.report import markdown_table, pct, save_figure
 
-CODE = ("flows", "tasks", "core", "objectives", "defences", "models", "expectations")
+CODE = ("flows", "tasks", "core", "objectives", "defences", "detectors", "models", "expectations")
 FILES = ("dvc.yaml", ".dvcignore")
 HEADLINE = ("accuracy", "asr", "clean_target_rate")
 
@@ -138,7 +138,8 @@ def waves(members: list[dict], stage: str, dvc_stages: dict) -> list[list[dict]]
 
 
 def collect(member: dict, ws: Path) -> dict:
-    """A member's results from its workspace: pretrain.json, frontier.json and the sweeps' points."""
+    """A member's results from its workspace: pretrain.json, frontier.json, the sweeps' points and
+    detection.json (None when its detect stage wrote none)."""
     p = member["params"]
     metrics = ws / p.evaluate.metrics_dir
     try:
@@ -148,7 +149,53 @@ def collect(member: dict, ws: Path) -> dict:
         raise StudyError(f"study member {member['name']}: {err.filename} missing (its evaluate stage has not run)") from None
     sweeps = {f"{f.parent.parent.name}/{f.parent.name}": json.loads(f.read_text())["points"]
               for f in sorted((ws / p.clean.out_dir).glob("*/*/sweep.json"))}
-    return {"pretrained": pretrained, "cells": cells, "sweeps": sweeps}
+    detection = ws / p.evaluate.detection
+    return {"pretrained": pretrained, "cells": cells, "sweeps": sweeps,
+            "detection": json.loads(detection.read_text()) if detection.is_file() else None}
+
+
+def chosen(cell: dict, drop: float) -> dict:
+    """The cleaned model a cell stands for: its lowest-ASR point within `drop` of the poisoned model's accuracy,
+    or the poisoned model itself when no cleaned point has a lower ASR (as `residual`)."""
+    point = cell["lowest_asr_within_accuracy_drop"].get(f"{drop:g}")
+    return point if point and point["asr"] < cell["poisoned"]["asr"] else cell["poisoned"]
+
+
+def matrix(group: list[dict], drop: float) -> dict:
+    """{model: {cleaning: {accuracy, asr, clean_target_rate: mean_interval over the replicates}}} for every
+    poisoned model (objective x pre-training defence); cleaning "none" is the pre-trained model, each cleaning
+    defence its `chosen` point."""
+    out = {}
+    models = sorted({n for m in group for n in m["result"]["pretrained"] if not is_control(n)})
+    for name in models:
+        defences = sorted({k.split("/")[1] for m in group for k in m["result"]["cells"] if k.split("/")[0] == name})
+        row = {}
+        for defence in ["none", *defences]:
+            def point(m, defence=defence):
+                if defence == "none":
+                    return m["result"]["pretrained"].get(name)
+                cell = m["result"]["cells"].get(f"{name}/{defence}")
+                return chosen(cell, drop) if cell else None
+            row[defence] = {metric: mean_interval(values) for metric in HEADLINE
+                            if (values := units(group, lambda m: (point(m) or {}).get(metric)))}
+        out[name] = row
+    return out
+
+
+DETECTION = ("auroc", "average_precision", "recall_at_k")
+
+
+def detection(group: list[dict]) -> dict:
+    """{model: {detector: {auroc, average_precision, recall_at_k: mean_interval over the replicates}}} from the
+    members' detection.json."""
+    out = {}
+    found = [m["result"].get("detection") or {} for m in group]
+    for name in sorted({n for d in found for n in d}):
+        detectors = sorted({k for d in found for k in d.get(name, {}).get("detectors", {})})
+        out[name] = {det: {metric: mean_interval(values) for metric in DETECTION if (values := units(
+            group, lambda m: ((m["result"].get("detection") or {}).get(name, {}).get("detectors", {}).get(det) or {}).get(metric)))}
+            for det in detectors}
+    return out
 
 
 def residual(cell: dict | None, drop: float) -> float | None:
@@ -233,7 +280,8 @@ def aggregate(members: list[dict], cfg) -> dict:
         out.append({"setting": group[0]["setting"], "replicates": [(m["data_seed"], m["seed"]) for m in group],
                     "unit": "data seed" if len({m["data_seed"] for m in group}) > 1 else "seed",
                     "controls": [control_name(group[0]["result"]["pretrained"], o) for o in (a, b)],
-                    "models": per_model, "cleaned": cleaned, "contrast": contrast, "n_asr": n_asr})
+                    "models": per_model, "cleaned": cleaned, "contrast": contrast, "n_asr": n_asr,
+                    "matrix": matrix(group, drop), "detection": detection(group)})
     return {"defence": cfg.defence, "contrast": [a, b], "accuracy_drop": drop, "settings": out}
 
 
@@ -328,6 +376,41 @@ def model_rows(study: dict) -> list[dict]:
                          "clean target rate": _ci(entry.get("clean_target_rate")),
                          f"residual ASR ({study['defence']})": _ci(cleaned.get("residual_asr")),
                          "net of control": _ci(cleaned.get("net_residual_asr"))})
+    return rows
+
+
+def split_label(model: str) -> tuple[str, str]:
+    """(objective, pre-training defence) of a model folder name: mmcl_ssl+safeclip -> (mmcl_ssl, safeclip)."""
+    objective, _, defence = model.partition("+")
+    return objective, defence or "none"
+
+
+def matrix_rows(study: dict) -> list[dict]:
+    """The defence matrix: pre-training objective x pre-training defence x cleaning defence, accuracy, ASR and
+    the clean target rate as mean [95% CI] over the replicates (%)."""
+    rows = []
+    for s in study["settings"]:
+        for model, row in s.get("matrix", {}).items():
+            objective, pretraining = split_label(model)
+            for cleaning, stats in row.items():
+                rows.append({"setting": _setting_name(s["setting"]), "objective": objective, "pre-training defence": pretraining,
+                             "cleaning": cleaning, "accuracy": _ci(stats.get("accuracy")), "ASR": _ci(stats.get("asr")),
+                             "clean target rate": _ci(stats.get("clean_target_rate"))})
+    return rows
+
+
+def detection_table(study: dict) -> list[dict]:
+    """AUROC, average precision and recall at the poison count per poisoned model and detector, mean [95% CI]
+    over the replicates (%)."""
+    rows = []
+    for s in study["settings"]:
+        for model, detectors in s.get("detection", {}).items():
+            objective, pretraining = split_label(model)
+            for name, stats in detectors.items():
+                rows.append({"setting": _setting_name(s["setting"]), "objective": objective,
+                             "pre-training defence": pretraining, "detector": name, "AUROC": _ci(stats.get("auroc")),
+                             "average precision": _ci(stats.get("average_precision")),
+                             "recall at the poison count": _ci(stats.get("recall_at_k"))})
     return rows
 
 
@@ -448,6 +531,16 @@ def write_outputs(study: dict, members: list[dict], out: Path) -> Path:
             f"{', '.join(f'{d}/{s}' for d, s in study['settings'][0]['replicates'])}). Rates in %, as the mean over "
             "seeds with its 95% t interval; each seed's own eval sampling error is in study.json.", "",
             answer(study), "## Models and cleaning", "", markdown_table(model_rows(study))]
+    if any(s.get("matrix") for s in study["settings"]):
+        text += ["## Defences: pre-training objective x pre-training defence x cleaning", "",
+                 f"Cleaning `none` is the pre-trained (poisoned) model; a cleaning defence's row is the point of its "
+                 f"learning-rate x epoch sweep with the lowest ASR within {pct(study['accuracy_drop'])} points of the "
+                 f"poisoned model's accuracy (the poisoned model when none is lower), as the residual ASR above.", "",
+                 markdown_table(matrix_rows(study))]
+    if any(s.get("detection") for s in study["settings"]):
+        text += ["## Poisoned-pair detection", "", "Every training pair scored under each poisoned model, against the "
+                 "poison manifest. AUROC 50% is chance (below it the signal is reversed); average precision's chance "
+                 "level is the poison rate.", "", markdown_table(detection_table(study))]
     text += [f"![{i}]({i})\n" for i in images]
     axis = next((k for k in ("poison.count", "poison.rate") if any(k in s["setting"] for s in study["settings"])), None)
     if axis:

@@ -81,7 +81,7 @@ def test_params_yaml_lists_every_key_at_the_schema_default():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     loaded = load_params(REPO / "params.yaml").model_dump(mode="json")
     required = {"curate": {"sources": raw["curate"]["sources"]}, "poison": {"count": raw["poison"]["count"]},
-                "pretrain": {}, "clean": {}, "evaluate": {}}
+                "pretrain": {}, "detect": {}, "clean": {}, "evaluate": {}}
     assert loaded == parse_params(required).model_dump(mode="json")
     assert _keys(raw) == _keys(loaded)
 

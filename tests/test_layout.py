@@ -10,7 +10,7 @@ import yaml
 
 from tests.conftest import REPO
 
-LIBRARY = ("core", "objectives", "defences")
+LIBRARY = ("core", "objectives", "defences", "detectors")
 
 
 def module_file(name: str) -> Path | None:
@@ -69,7 +69,7 @@ def test_the_library_imports_no_stage_and_no_flow():
 
 
 def test_stages_do_not_import_each_other():
-    stages = ("curate", "poison", "pretrain", "clean", "evaluate")
+    stages = ("curate", "poison", "pretrain", "detect", "clean", "evaluate")
     for stage in stages:
         others = {f"tasks.{s}" for s in stages if s != stage}
         assert not imports(REPO / "tasks" / f"{stage}.py") & others, stage
@@ -78,7 +78,7 @@ def test_stages_do_not_import_each_other():
 def test_every_stage_depends_on_what_it_imports():
     """Editing any file a stage's command imports makes `dvc status` show the stage."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == {"curate", "poison", "pretrain", "clean", "evaluate"}
+    assert set(stages) == {"curate", "poison", "pretrain", "detect", "clean", "evaluate"}
     for name, stage in stages.items():
         command = re.search(r"python -m ([\w.]+)", stage["cmd"]).group(1)
         files = closure(command)

@@ -260,3 +260,30 @@ def test_resume_finds_checkpoints_that_ray_did_not_record(data, tmp_path, capfd)
     pretrain.train(params, "mmcl")
     assert "resumed from checkpoint at step 12 (epoch 2, batch 0; checkpoint_" in capfd.readouterr().out
     assert file_sha256(model) == exported
+
+
+@pytest.mark.parametrize("defence,options", [("roclip", {"pool": 64, "every": 2}), ("safeclip", {"warmup": 1, "crossmodal": 1})])
+def test_pretraining_defences_train_alike_on_one_and_two_workers(data, tmp_path, defence, options):
+    """RoCLIP's pool and SafeCLIP's split are built from global (gathered) values: 2 Ray Train workers train
+    step by step as 1 does (vit-tiny: no BatchNorm), and the defence acts where it should."""
+    logs = {}
+    for workers in (1, 2):
+        out = tmp_path / str(workers)
+        params = params_with(data, out, num_workers=workers, epochs=4, defences=["none", defence],
+                             defence_options={defence: options})
+        run = pretrain.plan_run(params, "mmcl", defence=defence)
+        assert run["label"] == f"mmcl+{defence}" and run["run_id"] != pretrain.plan_run(params, "mmcl")["run_id"]
+        metrics = pretrain.train(params, "mmcl", defence=defence)
+        assert metrics["defence"] == defence
+        logs[workers] = log_of(out / "models" / f"mmcl+{defence}")
+    assert [r["loss"] for r in logs[2]] == pytest.approx([r["loss"] for r in logs[1]], abs=1e-4)
+    log = logs[1]
+    if defence == "roclip":  # epochs 2 and 4 (of 1-4) match captions from the pool; 1 and 3 train as they are
+        assert [int("roclip_matched" in r) for r in log] == [0] * 6 + [1] * 6 + [0] * 6 + [1] * 6
+    else:  # the warm-up is unimodal (SSL only), then the objective on every pair; then on the safe pairs, SSL on
+        # the risky ones
+        assert all("mmcl" not in r and "ssl" in r for r in log[:6])
+        assert all("mmcl" in r and r["safeclip_risky"] == 0 for r in log[6:12])
+        assert all("safeclip_risky" in r for r in log[12:]) and sum(r["safeclip_risky"] for r in log[12:]) > 0
+    with pytest.raises(InputError, match="controls are trained without"):
+        pretrain.plan_run(params, "mmcl", control=True, defence=defence)
