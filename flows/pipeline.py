@@ -59,10 +59,12 @@ def summary(params: Params) -> dict:
     pretrained = json.loads((params.evaluate.metrics_dir / "pretrain.json").read_text())
     rows = report.table_rows(cells) or report.model_rows(pretrained)
     verdict = report.verdict(pretrained, cells)
+    detected = params.evaluate.detection
+    detection = report.detection_rows(json.loads(detected.read_text())) if detected.is_file() else []
     create_table_artifact(key="study-table", table=rows, description="the study's table (pipeline)")
     create_markdown_artifact(key="study-verdict", markdown=verdict, description="verdict (pipeline)")
     return {"rows": rows, "verdict": verdict, "report": str(params.evaluate.report_dir / "report.md"),
-            "models": report.model_rows(pretrained)}
+            "models": report.model_rows(pretrained), "detection": detection}
 
 
 @flow(name="pipeline")
@@ -82,5 +84,7 @@ if __name__ == "__main__":
     print()
     print(report.markdown_table(result["models"]))
     print(report.markdown_table(result["rows"]))
+    if result["detection"]:
+        print(report.markdown_table(result["detection"]))
     print(result["verdict"])
     print(f"\nreport: {result['report']}")

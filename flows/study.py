@@ -43,7 +43,8 @@ def report(params: Params, members: list[dict]) -> dict:
         m["result"] = study.collect(m, Path(m["workspace"]))
     summary = study.aggregate(members, params.study)
     path = study.write_outputs(summary, members, params.study.dir)
-    return {"report": str(path), "rows": study.model_rows(summary), "answer": study.answer(summary)}
+    return {"report": str(path), "rows": study.model_rows(summary), "answer": study.answer(summary),
+            "matrix": study.matrix_rows(summary), "detection": study.detection_table(summary)}
 
 
 @flow(name="study")
@@ -65,6 +66,12 @@ def study_flow(params: Params) -> dict:
     create_table_artifact(key="study-grid", table=summary["rows"],
                           description=f"the study: {len(members)} members, mean [95% CI] over seeds (%)")
     create_markdown_artifact(key="study-answer", markdown=summary["answer"], description="the study's contrast")
+    if summary["matrix"]:
+        create_table_artifact(key="study-defences", table=summary["matrix"], description="objective x pre-training "
+                              "defence x cleaning: accuracy, ASR, clean target rate, mean [95% CI] over seeds (%)")
+    if summary["detection"]:
+        create_table_artifact(key="study-detection", table=summary["detection"],
+                              description="poisoned-pair detection per model and detector, mean [95% CI] over seeds (%)")
     return {"stages": runs} | summary
 
 
@@ -83,4 +90,6 @@ if __name__ == "__main__":
     print()
     print(markdown_table(result["rows"]))
     print(result["answer"])
+    for rows in (result["matrix"], result["detection"]):
+        print(markdown_table(rows) if rows else "", end="")
     print(f"report: {result['report']}")

@@ -11,7 +11,7 @@ from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
-    BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator,
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator,
 )
 
 from core.errors import InputError
@@ -192,6 +192,16 @@ def _known_options(mapping: dict, registry: dict, kind: str, called: str) -> dic
     return mapping
 
 
+def _names(registry: dict, kind: str) -> AfterValidator:
+    """A field's check that each name it lists is in `registry` (objectives.WEIGHTS, defences.OPTIONS, ...)."""
+    return AfterValidator(lambda names: _known(names, registry, kind))
+
+
+def _options(registry: dict, kind: str, called: str = "options") -> AfterValidator:
+    """A field's check of {name: {option: value}}: every name and option known to `registry`."""
+    return AfterValidator(lambda mapping: _known_options(mapping, registry, kind, called))
+
+
 class CurateConfig(Section):
     PATHS = frozenset({"out_dir", "staging_dir"})
     OPERATIONAL = frozenset({"runner"})
@@ -295,12 +305,15 @@ class PretrainConfig(Section):
     control_data_dir: Path = Path("data/curated/train")  # the unpoisoned shards, for the controls
     out_dir: Path = Path("data/models/pretrain")  # <objective>/ and control-<objective>/ per run
     storage_dir: str = "data/staging/pretrain"  # Ray Train run storage (checkpoints, resume); shared path on a cluster
-    objectives: Annotated[list[str], Field(min_length=1)] = ["mmcl", "mmcl_ssl"]
-    controls: list[str] = ["mmcl"]  # objectives also trained on the unpoisoned shards: the controls
-    weights: dict[str, dict[str, Real]] = {}  # per objective, over objectives.WEIGHTS, e.g. {mmcl_ssl: {ssl: 2}}
+    objectives: Annotated[list[str], Field(min_length=1), _names(OBJECTIVES, "objective")] = ["mmcl", "mmcl_ssl"]
+    # objectives also trained on the unpoisoned shards: the controls
+    controls: Annotated[list[str], _names(OBJECTIVES, "objective")] = ["mmcl"]
+    # per objective, over objectives.WEIGHTS, e.g. {mmcl_ssl: {ssl: 2}}
+    weights: Annotated[dict[str, dict[str, Real]], _options(OBJECTIVES, "objective", "weights")] = {}
     # pre-training defences, each with every objective ("none": undefended); models <objective>+<defence>
-    defences: Annotated[list[str], Field(min_length=1)] = ["none"]
-    defence_options: dict[str, dict[str, Real]] = {}  # per defence, over defences.PRETRAINING
+    defences: Annotated[list[str], Field(min_length=1), _names(PRETRAINING_DEFENCES, "pre-training defence")] = ["none"]
+    # per defence, over defences.PRETRAINING
+    defence_options: Annotated[dict[str, dict[str, Real]], _options(PRETRAINING_DEFENCES, "pre-training defence")] = {}
     model: Annotated[str, Field(min_length=1)] = "rn-tiny"  # an open_clip model name or a config in models/
     epochs: Annotated[StrictInt, Field(ge=1)] = 8
     batch_size: Annotated[StrictInt, Field(ge=2)] = 64  # samples per optimiser step, over all workers and micro-batches
@@ -331,25 +344,6 @@ class PretrainConfig(Section):
     compile: bool = False  # torch.compile the model (GPUs: faster steps after a warm-up; other rounding)
     max_failures: Annotated[StrictInt, Field(ge=0)] = 1  # worker restarts from the last checkpoint
 
-    @field_validator("objectives", "controls")
-    @classmethod
-    def _known_objectives(cls, names: list[str]) -> list[str]:
-        return _known(names, OBJECTIVES, "objective")
-
-    @field_validator("weights")
-    @classmethod
-    def _known_weights(cls, weights: dict) -> dict:
-        return _known_options(weights, OBJECTIVES, "objective", "weights")
-
-    @field_validator("defences")
-    @classmethod
-    def _known_pretraining_defences(cls, names: list[str]) -> list[str]:
-        return _known(names, PRETRAINING_DEFENCES, "pre-training defence")
-
-    @field_validator("defence_options")
-    @classmethod
-    def _known_pretraining_options(cls, options: dict) -> dict:
-        return _known_options(options, PRETRAINING_DEFENCES, "pre-training defence", "options")
 
     @model_validator(mode="after")
     def _batch_divides(self):
@@ -372,8 +366,9 @@ class CleanConfig(Section):
     models_dir: Path = Path("data/models/pretrain")
     out_dir: Path = Path("data/models/cleaned")  # <model>/<defence>/: sweep.json, best.pt, lr-*/epochs.json
     models: Annotated[list[str], Field(min_length=1)] = ["mmcl", "mmcl_ssl", "control-mmcl"]  # folders of models_dir
-    defences: Annotated[list[str], Field(min_length=1)] = ["cleanclip"]
-    defence_options: dict[str, dict[str, Real]] = {}  # per defence, over defences.OPTIONS
+    defences: Annotated[list[str], Field(min_length=1), _names(DEFENCES, "defence")] = ["cleanclip"]
+    # per defence, over defences.OPTIONS
+    defence_options: Annotated[dict[str, dict[str, Real]], _options(DEFENCES, "defence")] = {}
     lrs: Annotated[list[Real], Field(min_length=1)] = [1e-3, 3e-3]
     epochs: Annotated[StrictInt, Field(ge=1)] = 4
     batch_size: Annotated[StrictInt, Field(ge=2)] = 64
@@ -393,15 +388,6 @@ class CleanConfig(Section):
             raise ValueError(f"lrs: learning rates must be positive, got {bad}")
         return self
 
-    @field_validator("defences")
-    @classmethod
-    def _known_defences(cls, names: list[str]) -> list[str]:
-        return _known(names, DEFENCES, "defence")
-
-    @field_validator("defence_options")
-    @classmethod
-    def _known_defence_options(cls, options: dict) -> dict:
-        return _known_options(options, DEFENCES, "defence", "options")
 
 
 class DetectConfig(Section):
@@ -416,22 +402,14 @@ class DetectConfig(Section):
     out_dir: Path = Path("data/detect")  # <model>/scores.parquet
     metrics_dir: Path = Path("data/metrics")  # detection.json
     models: list[str] | None = None  # folders of models_dir; None: every poisoned (non-control) model
-    detectors: Annotated[list[str], Field(min_length=1)] = ["similarity", "density", "spectral"]
-    detector_options: dict[str, dict[str, Real]] = {}  # per detector, over detectors.OPTIONS
+    detectors: Annotated[list[str], Field(min_length=1), _names(DETECTORS, "detector")] = ["similarity", "density", "spectral"]
+    # per detector, over detectors.OPTIONS
+    detector_options: Annotated[dict[str, dict[str, Real]], _options(DETECTORS, "detector")] = {}
     batch_size: Annotated[StrictInt, Field(ge=1)] = 256
     use_gpu: Literal["auto", True, False] = "auto"
     loader_workers: Annotated[StrictInt, Field(ge=0)] = 0
     cache_mb: Annotated[Real, Field(ge=0)] = 1024
 
-    @field_validator("detectors")
-    @classmethod
-    def _known_detectors(cls, names: list[str]) -> list[str]:
-        return _known(names, DETECTORS, "detector")
-
-    @field_validator("detector_options")
-    @classmethod
-    def _known_detector_options(cls, options: dict) -> dict:
-        return _known_options(options, DETECTORS, "detector", "options")
 
 
 class EvaluateConfig(Section):
@@ -500,7 +478,7 @@ class Params(Strict):
     curate: CurateConfig
     poison: PoisonConfig | None = None
     pretrain: PretrainConfig | None = None
-    detect: DetectConfig | None = None
+    detect: DetectConfig = DetectConfig()  # every field has a default: params files of earlier versions run it
     clean: CleanConfig | None = None
     evaluate: EvaluateConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()

@@ -49,7 +49,6 @@ def models_of(params: Params) -> list[str]:
 def detect_model(params: Params, model_name: str, truth: set[str]) -> dict:
     """One model's scores (scores.parquet, written atomically) and metrics per detector; seconds taken."""
     cfg = detect_config(params)
-    detectors = {name: get_detector(name, **cfg.detector_options.get(name, {})) for name in cfg.detectors}
     try:
         model, preprocess, tokenizer = load_model(cfg.models_dir / model_name / "model.pt")
     except CheckpointError as err:
@@ -67,7 +66,7 @@ def detect_model(params: Params, model_name: str, truth: set[str]) -> dict:
                           f"{cfg.data_dir} (e.g. {example}): the manifest and the shards come from different poison runs")
     image, text = emb["image"].numpy(), emb["text"].numpy()
     columns, metrics = {"key": emb["keys"], "poisoned": poisoned}, {}
-    for name, detector in detectors.items():
+    for name, detector in detectors(params).items():
         t = time.time()
         scores = detector.score(image, text)
         columns[name] = scores
@@ -78,12 +77,20 @@ def detect_model(params: Params, model_name: str, truth: set[str]) -> dict:
     return {"detectors": metrics, "embed_seconds": round(embed_seconds, 2), "pairs": len(emb["keys"])}
 
 
+def detectors(params: Params) -> dict:
+    """The detectors of `detect.detectors` with their options; DetectError naming the key for a bad value."""
+    cfg = detect_config(params)
+    try:
+        return {name: get_detector(name, **cfg.detector_options.get(name, {})) for name in cfg.detectors}
+    except ValueError as err:
+        raise DetectError(f"detect.detector_options: {err}") from None
+
+
 def ground_truth(params: Params) -> set[str]:
     """The keys of the poisoned training pairs (poison_manifest.parquet's `key` column), after checking the
     detectors' options and the training shards, so that bad input stops the stage before any model is embedded."""
     cfg = detect_config(params)
-    for name in cfg.detectors:
-        get_detector(name, **cfg.detector_options.get(name, {}))
+    detectors(params)
     check_shards(cfg.data_dir, "detect.data_dir")
     try:
         keys = pq.read_table(cfg.manifest, columns=["key"]).column("key").to_pylist()

@@ -204,7 +204,7 @@ def write_params(path: Path, params: dict) -> Path:
 
 def copy_project(dest: Path) -> None:
     """The files a stage needs, as a fresh checkout would have them."""
-    for name in ("flows", "tasks", "core", "objectives", "defences", "models", "expectations"):
+    for name in ("flows", "tasks", "core", "objectives", "defences", "detectors", "models", "expectations"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, dest / name)

@@ -1,6 +1,7 @@
 """The whole study through `python -m flows.pipeline` in fresh git+DVC repos on tiny params: every stage
 runs through DVC, the report and metrics appear, a second run finds all up to date, and a run killed in
 pretrain resumes to the same metrics."""
+import json
 import os
 import re
 import shutil
@@ -20,7 +21,9 @@ from tests.conftest import REPO, complete_checkpoints, copy_project, tiny_params
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 
-STAGES = ("curate", "poison", "pretrain", "clean", "evaluate")
+STAGES = ("curate", "poison", "pretrain", "detect", "clean", "evaluate")
+MODELS = ("mmcl", "mmcl+safeclip", "control-mmcl")
+DEFENCES = ("cleanclip", "par")
 
 
 def stage_status(output: str) -> dict:
@@ -33,10 +36,11 @@ def tiny_study(repo: Path) -> dict:
     params["curate"]["sources"][0] |= {"train_pairs": 160, "eval_per_class": 2}
     params["poison"] = {"count": 16, "trigger": {"patch_size": 0.25}, "cleaning": {"size": 32},
                         "runner": {"kind": "thread", "workers": 2}}
-    params["pretrain"] = {"objectives": ["mmcl"], "controls": ["mmcl"], "model": "vit-tiny", "epochs": 3,
-                          "batch_size": 32, "warmup_steps": 1, "checkpoint_every": 2, "threads_per_worker": 1,
-                          "concurrent_runs": 2}
-    params["clean"] = {"models": ["mmcl", "control-mmcl"], "defences": ["cleanclip"], "lrs": [1e-3], "epochs": 1, "batch_size": 16,
+    params["pretrain"] = {"objectives": ["mmcl"], "controls": ["mmcl"], "defences": ["none", "safeclip"],
+                          "model": "vit-tiny", "epochs": 3, "batch_size": 32, "warmup_steps": 1, "checkpoint_every": 2,
+                          "threads_per_worker": 1, "concurrent_runs": 2}
+    params["detect"] = {}
+    params["clean"] = {"models": list(MODELS), "defences": list(DEFENCES), "lrs": [1e-3], "epochs": 1, "batch_size": 16,
                        "runner": {"kind": "thread", "workers": 1}, "threads_per_run": 1}
     params["evaluate"] = {}
     return params
@@ -83,10 +87,17 @@ def reference(tmp_path_factory, env):
 def test_pipeline_end_to_end_then_up_to_date(reference, env):
     repo, first = reference
     assert stage_status(first) == dict.fromkeys(STAGES, "ran")
-    assert "report: reports/report.md" in first and "| mmcl | cleanclip |" in first
+    assert "report: reports/report.md" in first and "| mmcl | cleanclip |" in first and "| mmcl+safeclip | par |" in first
     for path in ("reports/report.md", "data/metrics/frontier.json", "data/metrics/pretrain.json",
-                 "data/models/cleaned/control-mmcl/cleanclip/sweep.json", "data/plots/frontier.csv"):
+                 "data/models/cleaned/control-mmcl/cleanclip/sweep.json", "data/plots/frontier.csv",
+                 "data/models/pretrain/mmcl+safeclip/model.pt", "data/detect/mmcl+safeclip/scores.parquet"):
         assert (repo / path).is_file(), path
+    detection = json.loads((repo / "data" / "metrics" / "detection.json").read_text())
+    assert set(detection) == {"mmcl", "mmcl+safeclip"}  # the poisoned models, not the control
+    assert set(detection["mmcl"]["detectors"]) == {"similarity", "density", "spectral"}
+    assert detection["mmcl"]["detectors"]["spectral"]["k"] == 16 and detection["mmcl"]["pairs"] == 160
+    report = (repo / "reports" / "report.md").read_text()
+    assert "## Poisoned-pair detection" in report and "| mmcl+safeclip | density |" in report
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout
     assert "up to date" in status, status
 
@@ -100,7 +111,7 @@ def test_pipeline_end_to_end_then_up_to_date(reference, env):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout
     assert "Data and pipelines are up to date" in status, status
-    params["clean"]["defences"] = ["cleanclip", "mmcl"]  # a new cell of the matrix: the finished cells stay
+    params["clean"]["defences"] = [*DEFENCES, "mmcl"]  # a new cell of the matrix: the finished cells stay
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout
     assert "clean@mmcl-mmcl:" in status and "clean@mmcl-cleanclip:" not in status, status
@@ -139,7 +150,7 @@ def test_killed_in_pretrain_resumes_to_the_same_metrics(reference, tmp_path, env
     rerun = run_pipeline(repo, env)
     assert "resumed from checkpoint at step" in rerun
     assert stage_status(rerun) == {"curate": "up to date", "poison": "up to date", "pretrain": "ran",
-                                   "clean": "ran", "evaluate": "ran"}
+                                   "detect": "ran", "clean": "ran", "evaluate": "ran"}
     assert metrics_of(repo) == metrics_of(reference[0])
 
 
@@ -152,8 +163,8 @@ def test_dvc_experiment_varies_one_param(reference, env):
     proc = subprocess.run(["dvc", "exp", "run", "-n", "two-epochs", "-S", "clean.epochs=2"], cwd=repo, env=git,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    ran = set(re.findall(r"Running stage '([\w@-]+)'", proc.stdout))
-    assert ran == {"clean@mmcl-cleanclip", "clean@control-mmcl-cleanclip", "evaluate"}, ran
+    ran = set(re.findall(r"Running stage '([\w@+-]+)'", proc.stdout))
+    assert ran == {f"clean@{m}-{d}" for m in MODELS for d in DEFENCES} | {"evaluate"}, ran
     shown = subprocess.run(["dvc", "exp", "show", "--csv"], cwd=repo, env=git, capture_output=True, text=True).stdout
     rows = {line.split(",")[0]: line for line in shown.splitlines()}
     assert "two-epochs" in rows and "clean.epochs" in shown.splitlines()[0]

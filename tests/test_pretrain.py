@@ -265,7 +265,9 @@ def test_resume_finds_checkpoints_that_ray_did_not_record(data, tmp_path, capfd)
 @pytest.mark.parametrize("defence,options", [("roclip", {"pool": 64, "every": 2}), ("safeclip", {"warmup": 1, "crossmodal": 1})])
 def test_pretraining_defences_train_alike_on_one_and_two_workers(data, tmp_path, defence, options):
     """RoCLIP's pool and SafeCLIP's split are built from global (gathered) values: 2 Ray Train workers train
-    step by step as 1 does (vit-tiny: no BatchNorm), and the defence acts where it should."""
+    step by step as 1 does (vit-tiny: no BatchNorm), and the defence acts where it should. Their state
+    travels in the checkpoint: resumed inside a matching (RoCLIP) or split (SafeCLIP) epoch, a run ends with
+    the uninterrupted run's model."""
     logs = {}
     for workers in (1, 2):
         out = tmp_path / str(workers)
@@ -287,3 +289,11 @@ def test_pretraining_defences_train_alike_on_one_and_two_workers(data, tmp_path,
         assert all("safeclip_risky" in r for r in log[12:]) and sum(r["safeclip_risky"] for r in log[12:]) > 0
     with pytest.raises(InputError, match="controls are trained without"):
         pretrain.plan_run(params, "mmcl", control=True, defence=defence)
+    one = tmp_path / "1"
+    model = one / "models" / f"mmcl+{defence}" / "model.pt"
+    exported = file_sha256(model)
+    latest = sorted((one / "ray").glob(f"mmcl+{defence}-*/checkpoint_*/state.pt"))[-1]
+    latest.write_bytes(latest.read_bytes()[:100])  # damaged: the rerun resumes from step 20 (epoch 4, batch 2)
+    pretrain.train(params_with(data, one, epochs=4, defences=["none", defence], defence_options={defence: options}),
+                   "mmcl", defence=defence)
+    assert file_sha256(model) == exported

@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from core.checkpoint import load_model
+from tasks.config import STAGES
 from tests.conftest import REPO, copy_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
@@ -31,7 +32,7 @@ def pipeline(repo: Path, env: dict, *args: str) -> str:
 
 def ran(output: str) -> dict:
     return {line.split(":")[0].strip(): "ran" in line.split(":")[1] for line in output.splitlines()
-            if line.strip().split(":")[0] in ("curate", "poison", "pretrain", "clean", "evaluate") and "(" in line}
+            if line.strip().split(":")[0] in STAGES and "(" in line}
 
 
 def check_model(repo: Path, name: str, arch: str, embed_dim: int) -> None:
@@ -62,7 +63,7 @@ def test_rn50_then_vit_b_32_at_224_px_through_the_pipeline(tmp_path, prefect_api
         subprocess.run(cmd, cwd=repo, env=env, check=True)
 
     first = pipeline(repo, env, "--params", "params/smoke-224.yaml")
-    assert ran(first) == dict.fromkeys(("curate", "poison", "pretrain", "clean", "evaluate"), True), first[-3000:]
+    assert ran(first) == dict.fromkeys(STAGES, True), first[-3000:]
     manifest = pq.read_table(repo / "data" / "poisoned" / "poison_manifest.parquet").to_pylist()
     assert len(manifest) == 4 and {(r["x1"] - r["x0"], r["y1"] - r["y0"]) for r in manifest} == {(16, 16)}
     for name in ("mmcl", "mmcl_ssl"):
@@ -79,6 +80,6 @@ def test_rn50_then_vit_b_32_at_224_px_through_the_pipeline(tmp_path, prefect_api
     params["pretrain"].update(model="ViT-B-32", objectives=["mmcl_ssl"])
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = pipeline(repo, env)
-    assert ran(second) == {"curate": False, "poison": False, "pretrain": True, "clean": True, "evaluate": True}
+    assert ran(second) == {"curate": False, "poison": False, "pretrain": True, "detect": True, "clean": True, "evaluate": True}
     check_model(repo, "mmcl_ssl", "ViT-B-32", 512)
     assert not (repo / "data" / "models" / "pretrain" / "mmcl").exists()

@@ -46,7 +46,7 @@ def test_stage_waves_share_what_does_not_change(tmp_path):
     stages = yaml.safe_load((Path(study.__file__).parent.parent / "dvc.yaml").read_text())["stages"]
     members = study.plan(parse_params(base_params(tmp_path, seeds=[0, 1, 2], axes={"poison.count": [4, 8]})))
     sizes = {s: [len(w) for w in study.waves(members, s, stages)] for s in STAGES}
-    assert sizes == {"curate": [1, 5], "poison": [2, 4], "pretrain": [6], "clean": [6], "evaluate": [6]}
+    assert sizes == {"curate": [1, 5], "poison": [2, 4], "pretrain": [6], "detect": [6], "clean": [6], "evaluate": [6]}
 
 
 def result(residuals: dict, accuracy: float = 0.7, n: int = 100, n_asr: int = 50) -> dict:
@@ -80,6 +80,34 @@ def test_aggregate_contrast_net_of_control(tmp_path):
     assert "Not decisively" in text and "at least 6 seeds" in text  # 3 seeds cannot reach p < 0.05
     assert "+-13.4 points on one ASR of 50" in text  # Wilson at 50% on 50 images: [36.6, 63.4]
     assert "it cancels in their difference" in text  # both objectives netted against control-mmcl
+
+
+def test_defence_matrix_and_detection_table_over_seeds(tmp_path):
+    """Each poisoned model (objective x pre-training defence) gets a row per cleaning: `none` (the pre-trained
+    model) and each defence's chosen point, with intervals over the seeds; the detection table likewise."""
+    cfg = parse_params(base_params(tmp_path)).study
+    members = []
+    for seed, (a, b) in enumerate([(0.5, 0.2), (0.4, 0.1), (0.6, 0.3)]):
+        r = result({"mmcl_ssl": a, "mmcl+safeclip": b, "control-mmcl": 0.1})
+        r["detection"] = {"mmcl+safeclip": {"detectors": {"spectral": {
+            "auroc": 0.8 + 0.05 * seed, "average_precision": 0.5, "recall_at_k": 0.4}}}}
+        members.append({"name": f"data0-train{seed}", "setting": {}, "data_seed": 0, "seed": seed, "result": r})
+    summary = study.aggregate(members, cfg)
+    m = summary["settings"][0]["matrix"]
+    assert set(m) == {"mmcl_ssl", "mmcl+safeclip"}  # the control is the floor, not a row
+    assert set(m["mmcl+safeclip"]) == {"none", "cleanclip"}
+    assert m["mmcl+safeclip"]["none"]["asr"]["mean"] == pytest.approx(0.9)
+    cleaned = m["mmcl+safeclip"]["cleanclip"]  # the point within 3 accuracy points with the lowest ASR
+    assert cleaned["asr"]["mean"] == pytest.approx(0.2) and cleaned["asr"]["low"] < 0.2 < cleaned["asr"]["high"]
+    assert cleaned["accuracy"]["mean"] == pytest.approx(0.68)
+    d = summary["settings"][0]["detection"]["mmcl+safeclip"]["spectral"]
+    assert d["auroc"]["mean"] == pytest.approx(0.85) and d["auroc"]["n"] == 3
+    rows = study.matrix_rows(summary)
+    assert {(r["objective"], r["pre-training defence"], r["cleaning"]) for r in rows} == {
+        ("mmcl_ssl", "none", "none"), ("mmcl_ssl", "none", "cleanclip"), ("mmcl", "safeclip", "none"), ("mmcl", "safeclip", "cleanclip")}
+    report = study.write_outputs(summary, members, tmp_path / "out").read_text()
+    assert "## Defences: pre-training objective x pre-training defence x cleaning" in report
+    assert "| the default setting | mmcl | safeclip | spectral | 85.0 [" in report
 
 
 def test_data_seeds_are_the_replicates_when_they_vary(tmp_path):
