@@ -12,7 +12,7 @@ from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
 
-from flows.common import make_task_runner, params_from_argv, prefect_api, stage_command, worth_retrying
+from flows.common import make_task_runner, params_from_argv, prefect_api, stage_command, take_signals, worth_retrying
 from tasks import clean
 from core.errors import permanent
 from tasks.config import Params
@@ -29,6 +29,7 @@ class SweepRunsFailed(RuntimeError):
 
 @flow(name="clean")
 def clean_flow(params: Params, cells: list[tuple[str, str]]) -> list[dict]:
+    take_signals()
     for model, defence in cells:  # every cell is checked before any trains
         check(params, model, defence)
     sweeps, failed = [], []

@@ -5,8 +5,10 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -110,16 +112,72 @@ def input_errors(folders: dict[str, Path] | None = None):
             handler.removeFilter(quiet)
 
 
+_SPARED: set[int] = set()  # processes a termination leaves to their owner: the watchdog, the temporary Prefect API
+_RECEIVED: list[int] = []  # the termination signals received
+
+
+def terminate_tree(pid: int, spare: set[int] = frozenset(), wait: float = 0) -> None:
+    """SIGTERM to every descendant of process `pid` but those in `spare`, and to `pid` itself unless it is this
+    process; waits up to `wait` seconds for them to end (stage commands pass it on to their own children)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        targets = [p for p in root.children(recursive=True) if p.pid not in spare]
+    except psutil.NoSuchProcess:
+        return
+    targets += [root] * (pid != os.getpid())
+    for p in targets:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(targets, timeout=wait)
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM or SIGINT to a command: passed on (SIGTERM) to every process it started, except those in
+    `_SPARED`, then the command stops (exit status 128 + signum; KeyboardInterrupt for SIGINT), so a thread
+    waiting on a `dvc repro` or a pool worker ends with it instead of keeping the command alive until its
+    work is done. The stage commands below stop the same way; the watchdog kills whatever remains. (During a
+    flow run Prefect's own handler comes first: it raises in the flow, then sends the signal again, to this.)"""
+    _RECEIVED.append(signum)
+    terminate_tree(os.getpid(), _SPARED)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+def take_signals() -> None:
+    """First in a flow that waits on other processes or threads, in a stage command: SIGTERM and SIGINT go to
+    `_terminate` during the flow run too. (Prefect's own SIGTERM handler, set for the flow run, raises in the
+    flow and lets its task runner wait for the running tasks and their processes to finish first.)"""
+    if _SPARED and threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, _terminate)
+
+
 @contextmanager
 def stage_command(folders: dict[str, Path]):
     """What a stage command runs in: a watchdog (flows/reaper.py) that kills the processes it starts
-    if it dies (pool workers, the temporary Prefect server, Ray), an exclusive lock on its output
-    `folders` ({params key: folder}; a second run of the stage is refused, naming the first), and
-    one-line errors for bad input and a full disk (`input_errors`)."""
-    subprocess.Popen([sys.executable, "-m", "flows.reaper", str(os.getpid())], start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with input_errors(folders), exclusive(folders):
-        yield
+    if it dies (pool workers, the temporary Prefect server, Ray), SIGTERM and SIGINT passed on to them
+    (`_terminate`), an exclusive lock on its output `folders` ({params key: folder}; a second run of the
+    stage is refused, naming the first), and one-line errors for bad input and a full disk (`input_errors`)."""
+    reaper = subprocess.Popen([sys.executable, "-m", "flows.reaper", str(os.getpid())], start_new_session=True,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _SPARED.add(reaper.pid)
+    before = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with input_errors(folders), exclusive(folders):
+            yield
+    except BaseException:  # stopped or failed: nothing it started outlives it (a thread joined at exit would
+        terminate_tree(os.getpid(), _SPARED)  # wait on its `dvc repro`), even when Prefect's handler took the signal
+        raise
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if _RECEIVED:  # the status says why it stopped, whatever Prefect made of the exception
+            raise SystemExit(128 + _RECEIVED[0])
 
 
 def results(futures: list) -> list:
@@ -157,6 +215,7 @@ def prefect_api():
 
         server = SubprocessASGIServer()
         server.start()
+        _SPARED.add(server.server_process.pid)  # stopped below, after the logs are sent
         url = server.api_url
     os.environ["PREFECT_API_URL"] = url
     try:

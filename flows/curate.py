@@ -7,7 +7,9 @@ from __future__ import annotations
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 
-from flows.common import make_task_runner, params_from_argv, prefect_api, results, stage_command, worth_retrying
+from flows.common import (
+    make_task_runner, params_from_argv, prefect_api, results, stage_command, take_signals, worth_retrying,
+)
 from tasks import curate
 from tasks.config import Params
 from core.data.validation import raise_on_failure
@@ -22,6 +24,7 @@ publish = task(curate.publish, name="publish")
 
 @flow(name="curate")
 def curate_flow(params: Params) -> dict:
+    take_signals()
     parts = plan(params)
     partial = finalize(params, results(process.map(unmapped(params), parts)))
     raise_on_failure(validate(params, partial))

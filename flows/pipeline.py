@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import params_from_argv, prefect_api, stage_command, worth_retrying
+from flows.common import params_from_argv, prefect_api, stage_command, take_signals, terminate_tree, worth_retrying
 from tasks import report
 from core.errors import InputError
 from tasks.config import STAGES, Params
@@ -36,10 +36,14 @@ def repro(stage: str, cwd: str | None = None) -> dict:
     started, lines = time.time(), []
     with subprocess.Popen(["dvc", "repro", stage], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as proc:
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if line.strip():
-                logger.info(line.rstrip())
+        try:
+            for line in proc.stdout:
+                lines.append(line.rstrip())
+                if line.strip():
+                    logger.info(line.rstrip())
+        except BaseException:  # a termination raised here: DVC's stage command stops too, not only DVC
+            terminate_tree(proc.pid, wait=30)
+            raise
     if proc.returncode:
         said = [line for line in lines if line.startswith("error: ")]
         if said:
@@ -69,6 +73,7 @@ def summary(params: Params) -> dict:
 
 @flow(name="pipeline")
 def pipeline_flow(params: Params) -> dict:
+    take_signals()
     stages = [repro(stage) for stage in STAGES]
     return {"stages": stages} | summary(params)
 

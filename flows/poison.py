@@ -7,7 +7,9 @@ from __future__ import annotations
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 
-from flows.common import make_task_runner, params_from_argv, prefect_api, results, stage_command, worth_retrying
+from flows.common import (
+    make_task_runner, params_from_argv, prefect_api, results, stage_command, take_signals, worth_retrying,
+)
 from tasks import poison
 from tasks.config import Params
 from core.data.validation import raise_on_failure
@@ -24,6 +26,7 @@ publish = task(poison.publish, name="publish")
 
 @flow(name="poison")
 def poison_flow(params: Params) -> dict:
+    take_signals()
     the_plan = plan(params)
     poison.reset_partial(params)
     shards = the_plan["shards"]

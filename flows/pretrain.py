@@ -16,7 +16,7 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import params_from_argv, prefect_api, stage_command, worth_retrying
+from flows.common import params_from_argv, prefect_api, stage_command, take_signals, worth_retrying
 from tasks import pretrain
 from tasks.config import Params
 
@@ -26,6 +26,7 @@ train = task(pretrain.train, name="train", retries=1, retry_delay_seconds=5,  # 
 
 @flow(name="pretrain")
 def pretrain_flow(params: Params, runs: list[tuple[str, bool, str]]) -> list[dict]:
+    take_signals()
     for objective, control, defence in runs:  # fail fast: every run is checked before the first trains
         pretrain.plan_run(params, objective, control, defence)
     pretrain.init_ray(params.pretrain)  # once, before the runs' threads share it

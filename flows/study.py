@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import params_from_argv, prefect_api, results, stage_command
+from flows.common import params_from_argv, prefect_api, results, stage_command, take_signals
 from flows.pipeline import repro
 from tasks import study
 from tasks.config import STAGES, Params
@@ -49,6 +49,7 @@ def report(params: Params, members: list[dict]) -> dict:
 
 @flow(name="study")
 def study_flow(params: Params) -> dict:
+    take_signals()
     logger = get_run_logger()
     members = prepare(params)
     stages = study.read_dvc_stages(PROJECT)

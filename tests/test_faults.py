@@ -35,7 +35,7 @@ from core.data.shards import (
     ShardError, ShardSink, atomic_write_json, check_shards, decode_sample_image, file_sha256, replacing,
 )
 from tests.conftest import (
-    REPO, curated_tiny, manifest_row, png_bytes, random_image, tiny_params, write_params, write_shards,
+    REPO, copy_project, curated_tiny, manifest_row, png_bytes, random_image, tiny_params, write_params, write_shards,
 )
 
 
@@ -286,6 +286,40 @@ def test_kill_9_leaves_no_process_and_a_second_run_is_refused(tmp_path):
     assert not alive, [p.cmdline() for p in alive]
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]  # the lock died with its holder; the run resumes
+
+
+@pytest.mark.parametrize("command", ["curate", "pipeline"])
+def test_sigterm_stops_the_command_and_everything_it_started(command, tmp_path):
+    """SIGTERM to a stage command (or to the pipeline, whose `dvc repro` runs the stage) is passed on to the
+    processes it started, and it exits within seconds, not when its work is done; a rerun resumes."""
+    raw = tiny_params(tmp_path, [], runner={"kind": "process", "workers": 2})
+    raw["curate"]["sources"][0] |= {"train_pairs": 6000}
+    raw |= {"poison": {"count": 8}, "pretrain": {}, "clean": {}, "evaluate": {}}  # dvc.yaml reads every section
+    params = write_params(tmp_path / ("params.yaml" if command == "pipeline" else "curate.yaml"), raw)
+    if command == "pipeline":  # a DVC project of its own whose curate stage is the one above
+        copy_project(tmp_path)
+        subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    cmd = [sys.executable, "-m", f"flows.{command}"] + (["--params", str(params)] if command == "curate" else [])
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cwd = tmp_path if command == "pipeline" else REPO
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = Path(raw["curate"]["staging_dir"])
+    staging = staging if staging.is_absolute() else cwd / staging
+    deadline = time.time() + 300
+    while not list(staging.glob("*/p*-*.tar.tmp")) and time.time() < deadline:
+        time.sleep(0.2)  # until the pool workers write shards
+    started = [p for p in psutil.Process(proc.pid).children(recursive=True) if "flows.reaper" not in " ".join(p.cmdline())]
+    assert len(started) >= 3
+    stopped = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    assert time.time() - stopped < 60
+    if command == "curate":
+        rerun = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+        assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
 
 
 def test_two_keys_naming_one_folder_take_one_lock(tmp_path):
