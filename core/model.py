@@ -187,7 +187,9 @@ class RunStopped(InputError):
     became non-finite (the learning rate or data), or a shard turned out damaged. Never retried."""
 
 
-EMBEDDINGS = ("image", "text", "image_aug", "text_aug")  # DualEncoder outputs with one row per sample
+# outputs with one row per sample: DualEncoder's, the captions' own under a re-pairing defence (RoCLIP), the
+# frozen model's (PAR)
+EMBEDDINGS = ("image", "text", "image_aug", "text_aug", "text_own", "frozen_image", "frozen_text")
 
 
 def forward_backward(model: torch.nn.Module, objective, micro_batches: list[dict],

@@ -99,8 +99,8 @@ def detection_metrics(scores: Sequence[float], poisoned: Sequence[bool], confide
     """How well `scores` (higher: more likely poisoned) rank the poisoned pairs (`poisoned`, the ground truth):
     AUROC (sklearn.metrics.roc_auc_score) with its Hanley-McNeil (1982) interval, the sampling error of one
     ranking; average precision (sklearn.metrics.average_precision_score; chance level: the poison rate); and
-    the recall at the true poison count k, the share of poisons among the k top-scored pairs (k: what a
-    defender who knows the poison budget would drop). Ties in the top k are broken by position.
+    the recall at the true poison count k (R-precision), the share of poisons among the k top-scored pairs
+    (k: what a defender who knows the poison budget would drop). Ties in the top k are broken by position.
 
     Returns {auroc, auroc_low, auroc_high, average_precision, poison_rate, recall_at_k, k, n}. Raises
     ValueError on unequal lengths, scores that are not finite, or a ground truth with no poison or no clean pair."""

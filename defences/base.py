@@ -37,7 +37,8 @@ class Defence:
         return DualEncoder(model)
 
 
-Embed = Callable[[], dict]  # () -> {"keys": N, "image": [N, D], "text": [N, D]}: every training pair, now
+# () -> {"keys": N strings, "similarity": [N] image-caption cosines}: every training pair under the model now
+Similarities = Callable[[], dict]
 
 
 class PretrainingDefence:
@@ -47,9 +48,13 @@ class PretrainingDefence:
     views: frozenset[str] = frozenset()  # loader views it needs besides the objective's
     keyed: bool = False  # whether `begin_step` needs the step's keys (gathering them costs a collective a step)
 
-    def begin_epoch(self, epoch: int, embed: Embed, seed: int) -> dict:
-        """Before epoch `epoch` (0-based): look at the training set if needed (`embed`, the same on every
-        worker); returns what to log."""
+    def idle(self, epochs: int) -> str | None:
+        """Why the defence would never act in a run of `epochs` epochs (None: it acts)."""
+        return None
+
+    def begin_epoch(self, epoch: int, similarities: Similarities, seed: int) -> dict:
+        """Before epoch `epoch` (0-based): look at the training set if needed (`similarities()`, every pair's, the
+        same on every worker); returns what to log. Rank 0's state is then every worker's."""
         return {}
 
     def wrap(self, objective: Objective) -> Objective:
@@ -64,7 +69,8 @@ class PretrainingDefence:
         """After each optimiser step."""
 
     def state_dict(self) -> dict:
+        """What a resumed run needs to continue as the uninterrupted one (saved in each checkpoint)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Restore `state_dict`'s output ({} from a checkpoint of an undefended run)."""

@@ -3,7 +3,8 @@
 A pool holds the text embeddings of the latest `pool` captions the model has seen (a FIFO of the global
 batches, detached). Every `every`-th epoch (epochs 2, 4, ... counting from 1, as the reference code) each
 image is paired with the pool caption nearest to the image's own embedding instead of its caption, and the
-objective is computed with those matched embeddings as the captions; in the other epochs it trains as it is.
+objective is computed with those matched embeddings as the captions (in-modal terms such as MMCL+SSL's keep
+the captions' own, `text_own`); in the other epochs it trains as it is.
 A poisoned image thus rarely meets its target caption: the pool's captions are mostly clean.
 
 Read from the paper and its public code (BigML-CS-UCLA/RoCLIP), implemented here. Differences: the pool is
@@ -19,6 +20,8 @@ from objectives.base import Objective, gather_rows
 
 
 class RoCLIP(PretrainingDefence):
+    """State: the pool ([P, D] text embeddings, newest last) and whether this epoch matches."""
+
     def __init__(self, pool: float, every: float):
         if pool < 1 or every < 1 or pool != int(pool) or every != int(every):
             raise ValueError(f"roclip: pool and every must be whole numbers >= 1, got pool={pool}, every={every}")
@@ -26,7 +29,10 @@ class RoCLIP(PretrainingDefence):
         self.pool: torch.Tensor | None = None  # [P, D], newest rows last
         self.matching, self.last = False, None
 
-    def begin_epoch(self, epoch, embed, seed):
+    def idle(self, epochs):
+        return None if epochs >= self.every else f"roclip matches in every {self.every}th epoch only (roclip.every)"
+
+    def begin_epoch(self, epoch, similarities, seed):
         self.matching = (epoch + 1) % self.every == 0
         return {"roclip_matching": self.matching}
 
@@ -68,5 +74,5 @@ class Matched(Objective):
         matched = nearest(outputs["image"].detach(), pool.to(text.device, text.dtype))
         # the pool is detached: the text tower gets no gradient from these pairs; 0 * text keeps it in the
         # graph, so DDP does not wait for gradients that never come
-        loss, parts = self.inner(outputs | {"text": matched + 0 * text})
+        loss, parts = self.inner(outputs | {"text": matched + 0 * text, "text_own": text})
         return loss, parts | {"roclip_matched": torch.ones((), device=text.device)}

@@ -55,22 +55,31 @@ def split(keys: list[str], similarity: np.ndarray, share: float | None, threshol
 
 
 class SafeCLIP(PretrainingDefence):
+    """State: the next split's safe share, the epoch of the current split and its risky keys (None in the
+    warm-up: every pair unimodal; empty in the cross-modal warm-up)."""
+
     views = SSL.views
     keyed = True
 
     def __init__(self, warmup: float, crossmodal: float, threshold: float, growth: float, max_share: float):
         if min(warmup, crossmodal) < 0 or warmup != int(warmup) or crossmodal != int(crossmodal) \
                 or not 0 < threshold < 1 or growth < 0 or not 0 < max_share <= 1:
-            raise ValueError(f"safeclip: warmup and crossmodal must be whole numbers >= 0, threshold and max_share in "
-                             f"(0, 1], growth >= 0; got warmup={warmup}, crossmodal={crossmodal}, threshold={threshold}, "
-                             f"growth={growth}, max_share={max_share}")
+            raise ValueError(f"safeclip: warmup and crossmodal must be whole numbers >= 0, threshold in (0, 1), "
+                             f"max_share in (0, 1], growth >= 0; got warmup={warmup}, crossmodal={crossmodal}, "
+                             f"threshold={threshold}, growth={growth}, max_share={max_share}")
         self.warmup, self.crossmodal = int(warmup), int(crossmodal)
         self.threshold, self.growth, self.max_share = threshold, growth, max_share
         self.share: float | None = None  # the next split's safe share
         self.risky: set[str] | None = None  # None: the warm-up (every pair unimodal)
         self.split_epoch, self.taken, self.mask = -1, None, None
 
-    def begin_epoch(self, epoch, embed, seed):
+    def idle(self, epochs):
+        if epochs <= self.warmup + self.crossmodal:
+            return (f"safeclip splits after its {self.warmup} + {self.crossmodal} warm-up epochs "
+                    f"(safeclip.warmup, safeclip.crossmodal)")
+        return None
+
+    def begin_epoch(self, epoch, similarities, seed):
         if epoch < self.warmup:
             self.risky = None
             return {"safeclip": "warm-up"}
@@ -78,9 +87,8 @@ class SafeCLIP(PretrainingDefence):
             self.risky = set()
             return {"safeclip": "cross-modal warm-up"}
         if self.split_epoch != epoch:  # a run resumed inside an epoch keeps that epoch's split (checkpointed)
-            pairs = embed()
-            similarity = (pairs["image"] * pairs["text"]).sum(dim=1).numpy()
-            self.risky, self.taken = split(pairs["keys"], similarity, self.share, self.threshold, seed + epoch)
+            pairs = similarities()
+            self.risky, self.taken = split(pairs["keys"], pairs["similarity"], self.share, self.threshold, seed + epoch)
             self.share, self.split_epoch = min(self.taken + self.growth, self.max_share), epoch
         return {"safeclip": "split", "safe_share": self.taken}
 
@@ -108,13 +116,17 @@ class Split(Objective):
         self.name, self.views = objective.name, objective.views | SSL.views
 
     def loss(self, outputs):
+        # every parameter stays in the graph whichever part is empty (the logit bias, say, which SSL does not use):
+        # DDP waits for a gradient of each
+        anchor = sum(0 * v.sum() for k, v in outputs.items() if torch.is_tensor(v) and v.requires_grad)
         if self.defence.mask is None:
-            return self.unimodal(outputs)
+            loss, parts = self.unimodal(outputs)
+            return loss + anchor, parts
         rows = {k: gather_rows(v) for k, v in outputs.items() if k in EMBEDDINGS}
         risky = self.defence.mask.to(rows["image"].device)
         if len(risky) != len(rows["image"]):
             raise RuntimeError(f"safeclip: {len(risky)} keys for a global batch of {len(rows['image'])} rows")
-        total, parts = sum(v.sum() for v in rows.values()) * 0, {}  # every tower in the graph when a part is empty
+        total, parts = anchor, {}
         with pre_gathered():
             for which, objective in ((~risky, self.inner), (risky, self.unimodal)):
                 if which.sum() >= 2:  # a contrastive loss needs a negative

@@ -7,6 +7,6 @@ one line here and one in registry.py.
 """
 OPTIONS: dict[str, dict[str, float]] = {
     "similarity": {},  # SafeCLIP's signal: a low image-caption cosine similarity
-    "density": {"k": 16, "reference": 4096},  # Huang et al. (ICLR 2025): DAO, k neighbours among chunks of 4,096
+    "density": {"k": 16, "reference": 4096},  # Huang et al. (ICLR 2025): DAO, k neighbours in chunks of 4,096-8,191
     "spectral": {"components": 1},  # Tran et al. (2018): the projection on the top singular direction(s)
 }

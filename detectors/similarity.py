@@ -9,4 +9,5 @@ from detectors.base import Detector
 
 class Similarity(Detector):
     def score(self, image, text):
+        """Minus the cosine similarity [N] of each pair's normalised image and caption embeddings [N, D]."""
         return -np.einsum("nd,nd->n", image, text)

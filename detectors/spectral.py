@@ -14,6 +14,8 @@ class Spectral(Detector):
         self.components = int(components)
 
     def score(self, image, text):
+        """Squared projections [N] of the centred image embeddings [N, D] on their top `components` singular
+        directions (the captions are not used)."""
         centred = image - image.mean(axis=0, keepdims=True)
         # right singular vectors of the [N, D] matrix: the directions of largest variance
         _, _, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)

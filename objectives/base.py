@@ -3,7 +3,8 @@
 An objective is called as `loss, parts = obj(outputs)`. `outputs` holds L2-normalised
 embeddings `image` and `text` ([B, D]), `logit_scale` (the learnable log of the scale), optionally
 `logit_bias`, and the augmented views (`image_aug`, `text_aug`) that the objective lists in
-`views`. `parts` maps names to detached float tensors for logging.
+`views`; `text_own`, when a defence pairs the images with other captions' embeddings in `text`, holds the
+captions' own (for in-modal terms). `parts` maps names to detached float tensors for logging.
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def pre_gathered():
 def gather_rows(t: torch.Tensor) -> torch.Tensor:
     """The global batch of a local [B, ...] tensor in rank order, with gradient when it has one
     (torch.distributed.nn.all_gather, as open_clip's --gather-with-grad); itself on one process."""
-    rank, world_size = world()
+    _, world_size = world()
     if world_size == 1:
         return t
     if t.requires_grad:

@@ -389,7 +389,6 @@ class CleanConfig(Section):
         return self
 
 
-
 class DetectConfig(Section):
     """Poisoned-pair detection (tasks/detect.py): every training pair scored under each poisoned model."""
 
@@ -409,7 +408,6 @@ class DetectConfig(Section):
     use_gpu: Literal["auto", True, False] = "auto"
     loader_workers: Annotated[StrictInt, Field(ge=0)] = 0
     cache_mb: Annotated[Real, Field(ge=0)] = 1024
-
 
 
 class EvaluateConfig(Section):

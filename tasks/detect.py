@@ -68,9 +68,13 @@ def detect_model(params: Params, model_name: str, truth: set[str]) -> dict:
     columns, metrics = {"key": emb["keys"], "poisoned": poisoned}, {}
     for name, detector in detectors(params).items():
         t = time.time()
-        scores = detector.score(image, text)
+        try:
+            scores = detector.score(image, text)
+            metrics[name] = detection_metrics(scores, poisoned) | {"seconds": round(time.time() - t, 2)}
+        except ValueError as err:
+            raise DetectError(f"detect.detectors: {name} on model {model_name!r} ({len(poisoned)} pairs in "
+                              f"{cfg.data_dir}): {err}") from None
         columns[name] = scores
-        metrics[name] = detection_metrics(scores, poisoned) | {"seconds": round(time.time() - t, 2)}
     out = cfg.out_dir / model_name
     out.mkdir(parents=True, exist_ok=True)
     write_table(out / "scores.parquet", pa.table(columns))

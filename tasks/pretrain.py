@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from core.data.loader import SUPPORTED_VIEWS, BatchStream, SampleCache, resolve_split
@@ -47,7 +48,19 @@ def run_label(objective: str, control: bool, defence: str = "none") -> str:
 
 
 def defence_of(params: Params, defence: str):
-    return get_pretraining_defence(defence, **params.pretrain.defence_options.get(defence, {}))
+    """The pre-training defence `defence` with its options from params (defences.base.PretrainingDefence).
+    PretrainError naming `pretrain.defences` for an unknown name, `pretrain.defence_options.<name>` for a bad
+    option, and `pretrain.epochs` when the defence would never act in that many epochs."""
+    try:
+        built = get_pretraining_defence(defence, **params.pretrain.defence_options.get(defence, {}))
+    except KeyError as err:
+        raise PretrainError(f"pretrain.defences: {err.args[0]}") from None
+    except (TypeError, ValueError) as err:
+        raise PretrainError(f"pretrain.defence_options.{defence}: {err}") from None
+    idle = built.idle(params.pretrain.epochs)
+    if idle:
+        raise PretrainError(f"pretrain.epochs={params.pretrain.epochs}: {idle}")
+    return built
 
 
 def fingerprint(params: Params, objective: str, control: bool, data: str, model_cfg: dict, split: str,
@@ -60,11 +73,11 @@ def fingerprint(params: Params, objective: str, control: bool, data: str, model_
     ident = cfg.identity() | {"split": split}
     if not cfg.compile:
         del ident["compile"]
-    guard = {} if defence == "none" else {
+    defended = {} if defence == "none" else {
         "defence": {defence: PRETRAINING[defence] | cfg.defence_options.get(defence, {})}}
     return digest({"seed": params.training_seed, "pretrain": ident, "numerics": NUMERICS, "model_config": model_cfg,
                    "objective": objective, "weights": WEIGHTS[objective] | cfg.weights.get(objective, {}),
-                   "control": control, "data": data} | guard, 12)
+                   "control": control, "data": data} | defended, 12)
 
 
 def plan_run(params: Params, objective: str, control: bool = False, defence: str = "none") -> dict:
@@ -73,10 +86,7 @@ def plan_run(params: Params, objective: str, control: bool = False, defence: str
     cfg = pretrain_config(params)
     mcfg = model_config(cfg.model, "pretrain.model")
     obj = get_objective(objective, **cfg.weights.get(objective, {}))
-    try:
-        views = obj.views | defence_of(params, defence).views
-    except (KeyError, TypeError, ValueError) as err:
-        raise PretrainError(f"pretrain.defences: {err}") from None
+    views = obj.views | defence_of(params, defence).views
     if control and defence != "none":
         raise PretrainError(f"pretrain: the controls are trained without a pre-training defence, not {defence!r}")
     unsupported = sorted(views - SUPPORTED_VIEWS)
@@ -103,9 +113,9 @@ def plan_run(params: Params, objective: str, control: bool = False, defence: str
             "storage": storage, "out_dir": str(cfg.out_dir / label), "views": sorted(views)}
 
 
-def _save_checkpoint(directory: Path, model, optimizer, scheduler, guard, position: dict, run: dict) -> None:
+def _save_checkpoint(directory: Path, model, optimizer, scheduler, defence, position: dict, run: dict) -> None:
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "defence": guard.state_dict(), **position}, directory / "state.pt")
+                "scheduler": scheduler.state_dict(), "defence": defence.state_dict(), **position}, directory / "state.pt")
     atomic_write_json(directory / "meta.json", {"model_config": run["model_config"], "objective": run["objective"],
                                                 "run_id": run["run_id"], "sha256": file_sha256(directory / "state.pt"),
                                                 **position})
@@ -115,7 +125,7 @@ class DamagedCheckpoint(Exception):
     """A checkpoint folder that cannot be read back as written (a copy cut short, a damaged file)."""
 
 
-def _load_checkpoint(directory: Path, model, optimizer, scheduler, guard, run: dict) -> dict:
+def _load_checkpoint(directory: Path, model, optimizer, scheduler, defence, run: dict) -> dict:
     """Restore model, optimiser, schedule and the defence's state from a checkpoint folder; returns its data position.
     Raises DamagedCheckpoint if its files are missing, unreadable or not those meta.json hashed."""
     try:
@@ -135,7 +145,7 @@ def _load_checkpoint(directory: Path, model, optimizer, scheduler, guard, run: d
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    guard.load_state_dict(state.get("defence", {}))
+    defence.load_state_dict(state.get("defence", {}))
     return {k: state[k] for k in ("step", "epoch", "batch")}
 
 
@@ -150,7 +160,7 @@ def _stored_checkpoints(fs, folder: str, but: str = "") -> list:
     return [ray.train.Checkpoint(path=p, filesystem=fs) for p in names]
 
 
-def _resume(checkpoint, model, optimizer, scheduler, guard, run: dict, log_path: Path, rank: int) -> dict:
+def _resume(checkpoint, model, optimizer, scheduler, defence, run: dict, log_path: Path, rank: int) -> dict:
     """Restore the newest readable checkpoint: Ray's latest, then the older ones, saying which were
     skipped. Without one from Ray (killed after a checkpoint was copied, before Ray recorded it),
     those in the run's storage folder. The start position (step 0 if none is readable)."""
@@ -162,7 +172,7 @@ def _resume(checkpoint, model, optimizer, scheduler, guard, run: dict, log_path:
     for candidate in candidates:
         with candidate.as_directory() as d:
             try:
-                position = _load_checkpoint(Path(d), model, optimizer, scheduler, guard, run)
+                position = _load_checkpoint(Path(d), model, optimizer, scheduler, defence, run)
             except DamagedCheckpoint as err:
                 if rank == 0:
                     print(f"[{run['label']}] skipping a damaged checkpoint: {err}", flush=True)
@@ -235,8 +245,9 @@ def _step_keys(micro: list[dict], world: int) -> list[str]:
     return [k for part in every for k in part]
 
 
-def _all_pairs(mine: dict, world: int) -> dict:
-    """Every worker's share of `embed_pairs` joined (in key order: the same on every worker, whatever `world`)."""
+def _all_similarities(mine: dict, world: int) -> dict:
+    """Every worker's share ({"keys": n strings, "similarity": [n] float32}) joined on every worker, in key order
+    (the same whatever `world`): N keys and floats cross the network, not N embeddings."""
     shares = [mine]
     if world > 1:
         import torch.distributed as dist
@@ -245,9 +256,19 @@ def _all_pairs(mine: dict, world: int) -> dict:
         dist.all_gather_object(shares, mine)
     keys = [k for s in shares for k in s["keys"]]
     order = sorted(range(len(keys)), key=keys.__getitem__)
-    image = torch.cat([s["image"] for s in shares if len(s["keys"])])[order]
-    text = torch.cat([s["text"] for s in shares if len(s["keys"])])[order]
-    return {"keys": [keys[i] for i in order], "image": image, "text": text}
+    similarity = np.concatenate([s["similarity"] for s in shares])[order]
+    return {"keys": [keys[i] for i in order], "similarity": similarity}
+
+
+def _from_rank_0(defence, world: int) -> None:
+    """Rank 0's defence state on every worker: one decision (a Gaussian mixture fitted on one CPU) for all,
+    even across machines whose float kernels differ."""
+    if world > 1:
+        import torch.distributed as dist
+
+        state = [defence.state_dict()]
+        dist.broadcast_object_list(state, src=0)
+        defence.load_state_dict(state[0])
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -265,7 +286,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     model = for_device(model, device)  # before the optimiser, so that resumed optimiser state lands beside its weights
     objective = get_objective(run["objective"], **cfg.weights.get(run["objective"], {}))
-    guard = defence_of(params, run["defence"])
+    defence = defence_of(params, run["defence"])
     # accum_steps micro-batches make one optimiser step's global batch of batch_size samples
     stream = BatchStream(Path(run["data_dir"]), cfg.batch_size // cfg.accum_steps, rank, world, params.training_seed, preprocess,
                          tokenizer, frozenset(run["views"]), cfg.split, cfg.shuffle_buffer, cfg.loader_workers,
@@ -276,7 +297,7 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = schedule(optimizer, cfg.warmup_steps, total_steps)
     # The per-step log travels inside each checkpoint, so a resumed run (on any node) continues it.
     log_path = Path(tempfile.mkdtemp()) / "train_log.jsonl"
-    position = _resume(ray.train.get_checkpoint(), model, optimizer, scheduler, guard, run, log_path, rank)
+    position = _resume(ray.train.get_checkpoint(), model, optimizer, scheduler, defence, run, log_path, rank)
     encoder = DualEncoder(model)
     ddp = ray.train.torch.prepare_model(torch.compile(encoder) if cfg.compile else encoder)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
@@ -296,7 +317,7 @@ def train_loop_per_worker(config: dict) -> None:
             problem = None
             if rank == 0:
                 try:
-                    _save_checkpoint(Path(tmp), model, optimizer, scheduler, guard, position, run)
+                    _save_checkpoint(Path(tmp), model, optimizer, scheduler, defence, position, run)
                     shutil.copyfile(log_path, Path(tmp) / "train_log.jsonl")
                 except OSError as err:  # e.g. a full disk: the same again on a retry
                     problem = f"saving the checkpoint of step {position['step']} in {tmp}: {err}"
@@ -308,18 +329,19 @@ def train_loop_per_worker(config: dict) -> None:
     step, start_step, started = position["step"], position["step"], time.time()
     window_start, window_samples = started, 0
     accum, micro_per_epoch = cfg.accum_steps, steps_per_epoch * cfg.accum_steps
-    def embed() -> dict:
-        """Every training pair's embeddings under the model now: each worker embeds its share, all get all."""
+    def similarities() -> dict:
+        """Every training pair's image-caption cosine under the model now: each worker embeds its share."""
         mine = embed_pairs(model, preprocess, tokenizer, Path(run["data_dir"]), device, 256, rank, world, cache=stream.cache)
         model.train()
-        return _all_pairs(mine, world)
+        return _all_similarities({"keys": mine["keys"], "similarity": (mine["image"] * mine["text"]).sum(1).numpy()}, world)
 
     for epoch in range(position["epoch"], cfg.epochs):
         skip = position["batch"] if epoch == position["epoch"] else 0  # micro-batches, at a step boundary
-        said = guard.begin_epoch(epoch, embed, params.training_seed)
+        said = defence.begin_epoch(epoch, similarities, params.training_seed)
+        _from_rank_0(defence, world)
         if said and rank == 0:
             print(f"[{run['label']}] epoch {epoch}: {run['defence']} {said}", flush=True)
-        loss_fn = guard.wrap(objective)
+        loss_fn = defence.wrap(objective)
         batches = stream.epoch(epoch, skip_batches=skip, n_batches=micro_per_epoch)
         for b in range(skip, micro_per_epoch, accum):
             problem, micro = None, []
@@ -330,7 +352,7 @@ def train_loop_per_worker(config: dict) -> None:
                 problem = f"reading batch {b + len(micro)} of epoch {epoch}: {err if isinstance(err, ShardError) else repr(err)}"
             if problem := _first_problem(problem, world, device):
                 return stop(problem)
-            guard.begin_step(_step_keys(micro, world) if guard.keyed else None)
+            defence.begin_step(_step_keys(micro, world) if defence.keyed else None)
             loss, parts = forward_backward(ddp, loss_fn, [to_device(mb, device) for mb in micro], autocast)
             if problem := _first_problem(None if torch.isfinite(loss) else
                                          f"the loss became {loss.item()} at step {step + 1} (epoch {epoch}, batch "
@@ -339,7 +361,7 @@ def train_loop_per_worker(config: dict) -> None:
                 return stop(problem)
             window_samples += sum(len(mb["keys"]) for mb in micro) * world
             optimizer_step(model, optimizer, scheduler, cfg.grad_clip)
-            guard.end_step()
+            defence.end_step()
             step += 1
             done_epoch = b + accum == micro_per_epoch
             position = {"step": step, "epoch": epoch + done_epoch, "batch": 0 if done_epoch else b + accum}

@@ -51,7 +51,7 @@ def detection_rows(detection: dict) -> list[dict]:
     precision beside its chance level (the poison rate) and the recall at the true poison count (%)."""
     return [{"model": model, "detector": name, "AUROC": f"{pct(m['auroc'])} [{pct(m['auroc_low'])}, {pct(m['auroc_high'])}]",
              "average precision": f"{pct(m['average_precision'])} (chance {pct(m['poison_rate'])})",
-             "recall at k": f"{pct(m['recall_at_k'])} (k = {m['k']})"}
+             "recall at the poison count (R-precision)": f"{pct(m['recall_at_k'])} (k = {m['k']})"}
             for model, result in detection.items() for name, m in result["detectors"].items()]
 
 

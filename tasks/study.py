@@ -410,7 +410,7 @@ def detection_table(study: dict) -> list[dict]:
                 rows.append({"setting": _setting_name(s["setting"]), "objective": objective,
                              "pre-training defence": pretraining, "detector": name, "AUROC": _ci(stats.get("auroc")),
                              "average precision": _ci(stats.get("average_precision")),
-                             "recall at the poison count": _ci(stats.get("recall_at_k"))})
+                             "recall at the poison count (R-precision)": _ci(stats.get("recall_at_k"))})
     return rows
 
 

@@ -52,13 +52,13 @@ def test_safeclip_trains_the_objective_on_safe_pairs_and_ssl_on_risky_ones():
     keys = [f"k{i}" for i in range(12)]
     out = outputs()
     # the warm-up: every pair unimodal
-    assert defence.begin_epoch(0, embed=lambda: pytest.fail("no split in the warm-up"), seed=0) == {"safeclip": "warm-up"}
+    assert defence.begin_epoch(0, similarities=lambda: pytest.fail("no split in the warm-up"), seed=0) == {"safeclip": "warm-up"}
     defence.begin_step(keys)
     wrapped = defence.wrap(objective)
     assert wrapped(out)[0] == pytest.approx(SSL()(out)[0].item())
     # after it: a split from the model's similarities; the risky pairs' captions never meet their images
-    pairs = {"keys": keys, "image": out["image"], "text": torch.cat([out["image"][:9], -out["image"][9:]])}
-    defence.begin_epoch(1, embed=lambda: pairs, seed=0)
+    pairs = {"keys": keys, "similarity": np.array([0.9] * 9 + [-0.9] * 3)}
+    defence.begin_epoch(1, similarities=lambda: pairs, seed=0)
     assert defence.risky == {"k9", "k10", "k11"}
     defence.begin_step(keys)
     loss, parts = wrapped(out)
@@ -69,8 +69,15 @@ def test_safeclip_trains_the_objective_on_safe_pairs_and_ssl_on_risky_ones():
     # its state travels in the checkpoint: a resumed run keeps the epoch's split without embedding again
     again = get_pretraining_defence("safeclip", warmup=1, crossmodal=0)
     again.load_state_dict(defence.state_dict())
-    again.begin_epoch(1, embed=lambda: pytest.fail("the split of epoch 1 is restored"), seed=0)
+    again.begin_epoch(1, similarities=lambda: pytest.fail("the split of epoch 1 is restored"), seed=0)
     assert again.risky == defence.risky and again.share == defence.share
+    # with a logit bias (SigLIP) that neither part uses, every parameter keeps a (zero) gradient: DDP waits for each
+    bias = torch.zeros((), requires_grad=True)
+    defence.begin_epoch(0, similarities=None, seed=0)
+    defence.begin_step(keys)
+    wrapped(out | {"logit_bias": bias})[0].backward()
+    assert bias.grad is not None and bias.grad == 0
+    assert defence.idle(1) and not defence.idle(2)  # 1 + 0 warm-up epochs: the split comes in the second
 
 
 # RoCLIP
@@ -88,7 +95,7 @@ def test_roclip_pool_is_a_fifo_and_matching_happens_every_kth_epoch():
     defence = get_pretraining_defence("roclip", pool=20, every=2)
     objective = get_objective("mmcl")
     wrapped = defence.wrap(objective)
-    assert defence.begin_epoch(0, embed=None, seed=0) == {"roclip_matching": False}
+    assert defence.begin_epoch(0, similarities=None, seed=0) == {"roclip_matching": False}
     seen = []
     for step in range(3):
         out = outputs(seed=step)
@@ -96,7 +103,7 @@ def test_roclip_pool_is_a_fifo_and_matching_happens_every_kth_epoch():
         defence.end_step()
         seen.append(out["text"])
     assert torch.equal(defence.pool, torch.cat(seen)[-20:])  # the latest 20 captions
-    assert defence.begin_epoch(1, embed=None, seed=0) == {"roclip_matching": True}
+    assert defence.begin_epoch(1, similarities=None, seed=0) == {"roclip_matching": True}
     out = outputs(seed=7, grad=True)
     loss, parts = wrapped(out)
     matched = nearest(out["image"].detach(), defence.pool)
@@ -106,6 +113,13 @@ def test_roclip_pool_is_a_fifo_and_matching_happens_every_kth_epoch():
     restored = get_pretraining_defence("roclip", pool=20, every=2)
     restored.load_state_dict(defence.state_dict())
     assert torch.equal(restored.pool, defence.pool)
+    # MMCL+SSL: the cross-modal term sees the matched captions, SSL's in-modal term the captions' own
+    out = outputs(seed=8)
+    both = defence.wrap(get_objective("mmcl_ssl"))(out)[0]
+    matched = nearest(out["image"], defence.pool)
+    expected = contrastive(out["image"], matched, out["logit_scale"].exp()) + SSL()(out)[0]
+    assert both.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert defence.idle(1) and not defence.idle(2)
 
 
 # PAR

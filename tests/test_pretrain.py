@@ -289,6 +289,13 @@ def test_pretraining_defences_train_alike_on_one_and_two_workers(data, tmp_path,
         assert all("safeclip_risky" in r for r in log[12:]) and sum(r["safeclip_risky"] for r in log[12:]) > 0
     with pytest.raises(InputError, match="controls are trained without"):
         pretrain.plan_run(params, "mmcl", control=True, defence=defence)
+    too_few = {"roclip": 1, "safeclip": 2}[defence]  # epochs in which it would never act
+    with pytest.raises(InputError, match=rf"pretrain.epochs={too_few}: {defence} .*\({defence}\."):
+        pretrain.plan_run(params_with(data, tmp_path, epochs=too_few, defence_options={defence: options}), "mmcl",
+                          defence=defence)
+    bad = {"roclip": {"pool": 0}, "safeclip": {"threshold": 1.5}}[defence]
+    with pytest.raises(InputError, match=rf"pretrain.defence_options.{defence}: {defence}: .* must be"):
+        pretrain.plan_run(params_with(data, tmp_path, defence_options={defence: bad}), "mmcl", defence=defence)
     one = tmp_path / "1"
     model = one / "models" / f"mmcl+{defence}" / "model.pt"
     exported = file_sha256(model)
