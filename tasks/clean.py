@@ -57,7 +57,10 @@ def run_dir(params: Params, model: str, defence: str, lr: float) -> Path:
 def check_sweep(params: Params, model: str, defence: str) -> None:
     """Clear errors before any training: checkpoint, cleaning data, defence."""
     cfg = clean_config(params)
-    get_defence(defence, **cfg.defence_options.get(defence, {}))
+    try:
+        get_defence(defence, **cfg.defence_options.get(defence, {}))
+    except ValueError as err:  # a value out of its range (names and options are checked with params)
+        raise CleanError(f"clean.defence_options.{defence}: {err}") from None
     try:
         load_model(checkpoint_of(params, model))
     except CheckpointError as err:

@@ -109,6 +109,9 @@ def test_bad_input_is_rejected_before_training(setup, tmp_path):
         clean_params(setup, tmp_path, defences=["fine-pruning"])
     with pytest.raises(KeyError, match="known defences"):
         get_defence("nope")
+    with pytest.raises(clean.CleanError, match=r"clean.defence_options.par: par: .*bound in \(0, 4\]"):
+        clean.check_sweep(clean_params(setup, tmp_path, defences=["par"], defence_options={"par": {"bound": 9.0}}),
+                          "mmcl", "par")
     assert make_task_runner(RunnerConfig(kind="thread")) is not None
 
 

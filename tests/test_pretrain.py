@@ -17,6 +17,7 @@ from objectives import WEIGHTS
 from objectives.registry import REGISTRY
 from objectives.base import Objective
 from core.model import build_model, lr_factor, make_optimizer
+from defences.registry import get_pretraining_defence
 from tasks import pretrain
 from tasks.config import parse_params
 from core.data.shards import file_sha256
@@ -151,10 +152,11 @@ def test_resume_from_another_model_config_is_refused(data, tmp_path):
     model, _, _ = build_model("vit-tiny", "mmcl")
     opt = make_optimizer(model, 1e-3, 0.1, vit=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    pretrain._save_checkpoint(tmp_path, model, opt, sched, {"step": 1, "epoch": 0, "batch": 1},
+    none = get_pretraining_defence("none")
+    pretrain._save_checkpoint(tmp_path, model, opt, sched, none, {"step": 1, "epoch": 0, "batch": 1},
                               dict(run, model_config={"other": "config"}))
     with pytest.raises(pretrain.PretrainError, match="saved from another model config"):
-        pretrain._load_checkpoint(tmp_path, model, opt, sched, run)
+        pretrain._load_checkpoint(tmp_path, model, opt, sched, none, run)
 
 
 def test_lr_schedule_and_weight_decay_groups(data, tmp_path):
@@ -185,7 +187,7 @@ def test_concurrent_runs_then_only_new_runs_train(data, tmp_path, prefect_api_ur
 
     first = flow(["mmcl"])
     models = tmp_path / "models"
-    assert "trained mmcl:" in first and "trained mmcl (control):" in first
+    assert "trained mmcl:" in first and "trained control-mmcl:" in first
     before = {name: (models / name / "model.pt").read_bytes() for name in ("mmcl", "control-mmcl")}
     shutil.rmtree(models)
     second = flow(["mmcl", "siglip"])

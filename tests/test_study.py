@@ -182,8 +182,8 @@ def test_two_seed_study_through_prefect_and_dvc(tmp_path, prefect_server, browse
     copy_project(repo)
     params = tiny_study(repo)
     params["curate"]["sources"][0]["train_pairs"] = 64
-    params["pretrain"] |= {"objectives": ["mmcl", "siglip"], "epochs": 1}
-    params["clean"]["models"] = ["mmcl", "siglip", "control-mmcl"]
+    params["pretrain"] |= {"objectives": ["mmcl", "siglip"], "epochs": 1, "defences": ["none"]}
+    params["clean"] |= {"models": ["mmcl", "siglip", "control-mmcl"], "defences": ["cleanclip"]}
     params["study"] = {"seeds": [0, 1], "contrast": ["siglip", "mmcl"]}
     write_params(repo / "params.yaml", params)
     env = dict(os.environ, PREFECT_API_URL=prefect_server,
