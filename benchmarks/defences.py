@@ -15,7 +15,6 @@ Prints ms per step (median of `--repeats`, alternated: the machine is shared) an
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -34,9 +33,8 @@ from core.model import DualEncoder, build_model, forward_backward, make_optimize
 from defences.registry import get_defence, get_pretraining_defence  # noqa: E402
 from defences.safeclip import split  # noqa: E402
 from detectors.registry import REGISTRY as DETECTORS, get_detector  # noqa: E402
+from levers import generated_corpus, step_arguments  # noqa: E402 (this folder's benchmark of the speed levers)
 from objectives.registry import get_objective  # noqa: E402
-from tasks import curate  # noqa: E402
-from tasks.config import parse_params  # noqa: E402
 
 BATCH = 64
 
@@ -78,19 +76,9 @@ def cleaning_step(defence_name: str, batch: dict, steps: int) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = step_arguments()
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        params = parse_params({"seed": 0, "curate": {
-            "out_dir": str(tmp / "curated"), "staging_dir": str(tmp / "staging"), "runner": {"kind": "thread"},
-            "sources": [{"kind": "generated", "name": "gen", "train_pairs": args.pairs, "eval_per_class": 1}]}})
-        curate.run_sequential(params)
-        folder = tmp / "curated" / "train"
+        folder = generated_corpus(Path(tmp), args.pairs)
         model, preprocess, tokenizer = build_model("rn-tiny", "mmcl")
         views = frozenset({"image_aug", "text_aug"})
         batch = next(iter(BatchStream(folder, BATCH, 0, 1, 0, preprocess, tokenizer, views).epoch(0)))

@@ -65,20 +65,30 @@ def loader_ms(folder: Path, preprocess, tokenizer, views: frozenset, cache_mb: f
     return (time.perf_counter() - start) / n * 1e3
 
 
-def main():
+def step_arguments() -> argparse.Namespace:
+    """--pairs (the corpus), --steps (timed per measurement), --repeats (medians of): the step benchmarks' options;
+    and torch on one thread, as each of the two concurrent pre-training runs gets on 2 cores."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
     torch.set_num_threads(1)
+    return ap.parse_args()
+
+
+def generated_corpus(tmp: Path, pairs: int) -> Path:
+    """The generated corpus' `pairs` training pairs curated under `tmp`; returns the shard folder."""
+    params = parse_params({"seed": 0, "curate": {
+        "out_dir": str(tmp / "curated"), "staging_dir": str(tmp / "staging"), "runner": {"kind": "thread"},
+        "sources": [{"kind": "generated", "name": "gen", "train_pairs": pairs, "eval_per_class": 1}]}})
+    curate.run_sequential(params)
+    return tmp / "curated" / "train"
+
+
+def main():
+    args = step_arguments()
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        params = parse_params({"seed": 0, "curate": {
-            "out_dir": str(tmp / "curated"), "staging_dir": str(tmp / "staging"), "runner": {"kind": "thread"},
-            "sources": [{"kind": "generated", "name": "gen", "train_pairs": args.pairs, "eval_per_class": 1}]}})
-        curate.run_sequential(params)
-        folder = tmp / "curated" / "train"
+        folder = generated_corpus(Path(tmp), args.pairs)
         _, preprocess, tokenizer = build_model("rn-tiny", "mmcl")
         print(f"rn-tiny, 32 px, batch {BATCH}, 1 thread, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
               f"median of {args.repeats}")
