@@ -57,8 +57,8 @@ class _InputErrorsWithoutTraceback(logging.Filter):
 
 def worth_retrying(task, task_run, state) -> bool:
     """Prefect's retry_condition_fn: retry what may pass on (a lost worker, a network hiccup), not
-    what would fail again (`core.errors.permanent`)."""
-    return not permanent(state.data if isinstance(state.data, BaseException) else None)
+    what would fail again (`core.errors.permanent`), nor anything once the command is stopping."""
+    return not stopping() and not permanent(state.data if isinstance(state.data, BaseException) else None)
 
 
 def _no_space(err: OSError, folders: dict[str, Path]) -> str:
@@ -146,6 +146,12 @@ def _terminate(signum, frame) -> None:
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise SystemExit(128 + signum)
+
+
+def stopping() -> bool:
+    """Whether this command received SIGTERM or SIGINT: work queued behind the running tasks (the next member of
+    a study wave) must not start while the task runner drains its queue."""
+    return bool(_RECEIVED)
 
 
 def take_signals() -> None:

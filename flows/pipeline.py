@@ -16,7 +16,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import params_from_argv, prefect_api, stage_command, take_signals, terminate_tree, worth_retrying
+from flows.common import (
+    params_from_argv, prefect_api, stage_command, stopping, take_signals, terminate_tree, worth_retrying,
+)
 from tasks import report
 from core.errors import InputError
 from tasks.config import STAGES, Params
@@ -33,6 +35,8 @@ def repro(stage: str, cwd: str | None = None) -> dict:
     """`dvc repro` one stage (a foreach/matrix group runs all its items) in the DVC project `cwd` (default:
     here), its output streamed to the log."""
     logger = get_run_logger()
+    if stopping():
+        raise RuntimeError(f"dvc repro {stage}: not started, the command is stopping")
     started, lines = time.time(), []
     with subprocess.Popen(["dvc", "repro", stage], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as proc:
