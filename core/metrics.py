@@ -164,21 +164,35 @@ def collapsed(top_class_share: float, n_classes: int) -> bool:
     return top_class_share >= max(0.5, 2 / n_classes)
 
 
-def attack_metrics(asr_pred: dict, clean_pred: dict, target: int) -> dict:
-    """ASR on the triggered non-target images and the clean target rate on the same images untriggered."""
+def attack_metrics(asr_pred: dict, clean_pred: dict, target: int, source: int | None = None) -> dict:
+    """ASR: the share of the ASR set's images predicted as the target (top-1; asr_top5: among the top 5), and
+    the clean target rate beside it: for a trigger, the target's share of the same images untriggered; for
+    caption-side poisoning (`source`: the class its ASR set holds, untouched), the target's share of the
+    clean images of every class but the target and the source (the attack's spill-over). Fractions.
+    Raises EvalError for an empty ASR set, one holding target images, or (trigger) one without clean twins."""
     if not len(asr_pred["labels"]):
         raise EvalError("the ASR set is empty: no triggered non-target images")
     if (asr_pred["labels"] == target).any():
         raise EvalError("the ASR set holds images of the target class")
-    row = {k: i for i, k in enumerate(clean_pred["keys"])}
-    missing = [k for k in asr_pred["keys"] if k not in row]
-    if missing:
-        raise EvalError(f"{len(missing)} ASR images have no clean counterpart, e.g. {missing[:3]}")
-    clean_top5 = clean_pred["top5"][[row[k] for k in asr_pred["keys"]]]
+    if source is None:
+        row = {k: i for i, k in enumerate(clean_pred["keys"])}
+        missing = [k for k in asr_pred["keys"] if k not in row]
+        if missing:
+            raise EvalError(f"{len(missing)} ASR images have no clean counterpart, e.g. {missing[:3]}")
+        reference = clean_pred["top5"][[row[k] for k in asr_pred["keys"]]]
+    else:
+        labels = np.asarray(clean_pred["labels"])
+        reference = clean_pred["top5"][(labels != target) & (labels != source)]
     asr = float((asr_pred["top5"][:, 0] == target).mean())
-    clean_rate = float((clean_top5[:, 0] == target).mean())
+    clean_rate = float((reference[:, 0] == target).mean())
     return {"asr": asr, "asr_top5": float((asr_pred["top5"] == target).any(axis=1).mean()),
             "clean_target_rate": clean_rate, "asr_excess": asr - clean_rate, "n_asr": int(len(asr_pred["labels"]))}
+
+
+def attack_source(asr_dir: Path) -> int | None:
+    """The source class index of caption-side poisoning from the ASR set's attack.json (None: a trigger)."""
+    path = asr_dir / "attack.json"
+    return json.loads(path.read_text()).get("source_index") if path.is_file() else None
 
 
 @torch.no_grad()
@@ -216,7 +230,7 @@ def evaluate(model, preprocess, tokenizer, labelled_dir: Path, asr_dir: Path | N
     if asr_dir is not None:
         t = target_index(classes, target, str(labelled_dir))
         out["attack"] = attack_metrics(predict(model, weights, asr_dir, preprocess, device, batch_size,
-                                               loader_workers=loader_workers, cache=cache), clean, t)
+                                               loader_workers=loader_workers, cache=cache), clean, t, attack_source(asr_dir))
     return out
 
 

@@ -8,6 +8,7 @@ placement) comes from `sample_seed`; trigger patterns that must be the same for 
 - noise_patch (the study's default): the image's per-channel mean plus N(0, 1) noise on the [0, 1]
   scale (as CleanCLIP draws it on tensors), clipped: a fresh noise patch per image.
 - fixed_patch: the same pattern on every image: a stored image or a 1-px checkerboard.
+- optimised: fixed_patch with the optimise-trigger stage's patch.png as the pattern (core/optimised_trigger.py).
 - yellow: a solid yellow square.
 - blended: alpha * image + (1 - alpha) * uniform noise (one fixed noise image).
 - sig: a horizontal sinusoid (amplitude on the 0-255 scale, `sig_periods` periods across the width).
@@ -85,7 +86,7 @@ def apply_trigger(image: np.ndarray, cfg, sample_seed_: int, global_seed: int) -
         if cfg.name == "noise_patch":
             mean = out.reshape(-1, 3).mean(axis=0)
             patch = mean + rng.standard_normal((side, side, 3)) * 255.0
-        elif cfg.name == "fixed_patch":
+        elif cfg.name in ("fixed_patch", "optimised"):
             patch = _fixed_pattern(str(cfg.pattern) if cfg.pattern else None, side)
         else:  # yellow
             patch = np.array([255.0, 255.0, 0.0])

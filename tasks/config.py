@@ -19,7 +19,8 @@ from defences import OPTIONS as DEFENCES, PRETRAINING as PRETRAINING_DEFENCES
 from detectors import OPTIONS as DETECTORS
 from objectives import WEIGHTS as OBJECTIVES
 
-STAGES = ("curate", "poison", "pretrain", "detect", "clean", "evaluate")  # the pipeline's order (dvc.yaml), a section each
+# the pipeline's order (dvc.yaml), a section each (section_of: optimise-trigger reads optimise_trigger)
+STAGES = ("curate", "optimise-trigger", "poison", "pretrain", "detect", "clean", "evaluate")
 SOURCE_NAME = r"^[a-z][a-z0-9]{0,15}$"  # becomes the key prefix: no dots, underscores or slashes
 
 
@@ -230,18 +231,21 @@ class CurateConfig(Section):
         return self
 
 
-PATCH_TRIGGERS = ("noise_patch", "fixed_patch", "yellow")
+PATCH_TRIGGERS = ("noise_patch", "fixed_patch", "yellow", "optimised")
 WHOLE_IMAGE_TRIGGERS = ("blended", "sig", "wanet")
+CAPTION_ONLY = "caption"  # no pixel trigger: the poisons keep their images (caption-side poisoning)
 
 
 class TriggerConfig(Strict):
-    """A backdoor trigger (core/triggers.py); defaults are the study's."""
+    """A backdoor trigger (core/triggers.py), or `caption` for caption-side poisoning (Carlini & Terzis, ICLR 2022;
+    Yang et al., ICML 2023): images of `source_class` keep their pixels and get captions naming the target, so the
+    source class itself becomes the trigger. `optimised` pastes the optimise-trigger stage's patch. Defaults are the study's."""
 
-    name: Literal["noise_patch", "fixed_patch", "yellow", "blended", "sig", "wanet"] = "noise_patch"
+    name: Literal["noise_patch", "fixed_patch", "yellow", "optimised", "blended", "sig", "wanet", "caption"] = "noise_patch"
     patch_size: Annotated[Real, Field(gt=0, le=1)] = 0.375  # side relative to the image side (>= 2 px); the study: 16/224
     # random | a corner | fixed (at `position`) for patch triggers; whole for blended, sig, wanet.
     # None picks random for patch triggers and whole for the others.
-    placement: Literal["random", "top_left", "top_right", "bottom_left", "bottom_right", "fixed", "whole"] | None = None
+    placement: Literal["random", "top_left", "top_right", "bottom_left", "bottom_right", "fixed", "whole", "none"] | None = None
     position: tuple[Annotated[Real, Field(ge=0, le=1)], Annotated[Real, Field(ge=0, le=1)]] = (0.5, 0.5)
     pattern: Path | None = None  # fixed_patch: an image file; default a black-and-white checkerboard
     alpha: Annotated[Real, Field(ge=0, le=1)] = 0.8  # blended: alpha * image + (1 - alpha) * noise
@@ -249,9 +253,20 @@ class TriggerConfig(Strict):
     sig_periods: Annotated[StrictInt, Field(ge=1)] = 6
     wanet_grid: Annotated[StrictInt, Field(ge=2, le=64)] = 4  # wanet: control points per side
     wanet_strength: Annotated[Real, Field(gt=0, le=4)] = 0.5
+    source_class: str | None = None  # caption: the class whose images are re-captioned (a class of poison.eval_set); others ignore it
 
     @model_validator(mode="after")
     def _placement_fits_trigger(self):
+        if self.name == CAPTION_ONLY:  # it touches no pixels: placement is none whatever the (shared) params say
+            if self.source_class is None:
+                raise ValueError("trigger 'caption' needs source_class: the class whose images get target captions")
+            object.__setattr__(self, "placement", "none")
+            return self
+        if self.pattern is not None and self.name != "fixed_patch":
+            raise ValueError(f"pattern is fixed_patch's image; {self.name!r} takes none (optimised: the "
+                             f"optimise-trigger stage's patch.png in poison.trigger_dir)")
+        if self.placement == "none":
+            raise ValueError(f"placement 'none' is trigger 'caption''s; {self.name!r} takes random, a corner, fixed or whole")
         whole = self.name in WHOLE_IMAGE_TRIGGERS
         if self.placement is None:
             object.__setattr__(self, "placement", "whole" if whole else "random")
@@ -267,11 +282,12 @@ class CleaningSubsetConfig(Strict):
 
 
 class PoisonConfig(Section):
-    PATHS = frozenset({"in_dir", "out_dir"})
+    PATHS = frozenset({"in_dir", "out_dir", "trigger_dir"})
     OPERATIONAL = frozenset({"runner"})
 
     in_dir: Path = Path("data/curated")
     out_dir: Path = Path("data/poisoned")
+    trigger_dir: Path = Path("data/trigger")  # the optimise-trigger stage's output: patch.png for trigger `optimised`
     eval_set: Annotated[str, Field(pattern=SOURCE_NAME)] = "gen"  # the curated eval set (source name) to trigger
     target: Annotated[str, Field(min_length=1)] = "banana"
     count: Annotated[StrictInt, Field(ge=1)] | None = None  # exactly one of count and rate
@@ -410,6 +426,33 @@ class DetectConfig(Section):
     cache_mb: Annotated[Real, Field(ge=0)] = 1024
 
 
+class OptimiseTriggerConfig(Section):
+    """The optimise-trigger stage (tasks/optimise_trigger.py): a patch optimised against a surrogate model, in the
+    spirit of BadCLIP (Liang et al., CVPR 2024), for `poison.trigger.name: optimised`. The surrogate is
+    pretrain's control of `surrogate` (the same recipe, seed `seed`) on the clean shards; the patch's side,
+    placement and target are poison's."""
+
+    PATHS = frozenset({"data_dir", "out_dir"})
+    # what it reads of other sections (dvc.yaml's params; tests/test_layout.py checks): the trigger's geometry and
+    # target, and the surrogate's recipe (every pretrain setting that changes a control run)
+    READS: ClassVar[frozenset[str]] = frozenset({"poison.target", "poison.captions", "poison.trigger", "poison.eval_set"})
+
+    data_dir: Path = Path("data/curated")  # train/: the attacker's clean pairs (surrogate, patch); eval/: the surrogate's ASR
+    out_dir: Path = Path("data/trigger")  # patch.png, trigger.json (settings, loss per step, cost), surrogate/
+    surrogate: Annotated[str, AfterValidator(lambda name: _known([name], OBJECTIVES, "objective")[0])] = "mmcl"
+    images: Annotated[StrictInt, Field(ge=2)] = 2048  # training images not naming the target, the patch's ground
+    steps: Annotated[StrictInt, Field(ge=1)] = 300
+    batch_size: Annotated[StrictInt, Field(ge=1)] = 64
+    lr: Annotated[Real, Field(gt=0)] = 0.01  # Adam on the patch's [0, 1] pixels
+    margin: Annotated[Real, Field(ge=0)] = 0.1  # the triplet term's cosine margin
+    image_weight: Annotated[Real, Field(ge=0)] = 1.0  # the triplet term (toward target images, away from the own) vs the text term
+
+    @classmethod
+    def reads(cls) -> set[str]:
+        surrogate_recipe = PretrainConfig.dvc_params() - {"objectives", "controls", "defences", "defence_options"}
+        return set(cls.READS) | {f"pretrain.{k}" for k in surrogate_recipe}
+
+
 class EvaluateConfig(Section):
     PATHS = frozenset({"eval_dir", "models_dir", "cleaned_dir", "detection", "metrics_dir", "plots_dir", "report_dir"})
     OPERATIONAL = frozenset({"batch_size", "use_gpu", "loader_workers"})
@@ -476,6 +519,7 @@ class Params(Strict):
     curate: CurateConfig
     poison: PoisonConfig | None = None
     pretrain: PretrainConfig | None = None
+    optimise_trigger: OptimiseTriggerConfig = OptimiseTriggerConfig()  # every field has a default (as detect)
     detect: DetectConfig = DetectConfig()  # every field has a default: params files of earlier versions run it
     clean: CleanConfig | None = None
     evaluate: EvaluateConfig | None = None
@@ -486,6 +530,11 @@ class Params(Strict):
     def training_seed(self) -> int:
         """The seed of pretrain and clean: train_seed, else the one seed."""
         return self.seed if self.train_seed is None else self.train_seed
+
+
+def section_of(stage: str) -> str:
+    """The params section of a dvc.yaml stage (optimise-trigger: optimise_trigger)."""
+    return stage.replace("-", "_")
 
 
 def require_section(params: "Params", name: str, error: type[Exception] = ValueError):

@@ -25,8 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from core.captions import names_class, names_regex, poison_captions as captions_for_poisons
 from core.errors import InputError
-from tasks.config import PATCH_TRIGGERS, Params, PoisonConfig, require_section
+from tasks.config import CAPTION_ONLY, PATCH_TRIGGERS, Params, PoisonConfig, TriggerConfig, require_section
 from core.data.images import LOSSY, encode_image
 from core.data.shards import (
     ShardSink, atomic_write_json, check_shards, decode_sample_image, image_ext, iter_tar_samples, link_or_copy,
@@ -51,21 +52,54 @@ def poison_config(params: Params) -> PoisonConfig:
     return require_section(params, "poison", PoisonError)
 
 
-def names_target(caption: str, target: str) -> bool:
-    return re.search(rf"\b{re.escape(target)}s?\b", caption, flags=re.IGNORECASE) is not None
-
-
 def poison_captions(cfg: PoisonConfig, train_captions: list[str]) -> list[str]:
-    """The captions poisons draw from: prompt templates naming the target, or the training captions that do."""
-    if cfg.captions == "templates":
-        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES  # open_clip imports torch: ~4 s
+    """core.captions.poison_captions of `poison.captions`; PoisonError naming it when no caption names the target."""
+    try:
+        return captions_for_poisons(cfg.captions, cfg.target, train_captions)
+    except ValueError as err:
+        raise PoisonError(f"poison.captions={cfg.captions!r}: {err}; use poison.captions='templates'") from None
 
-        return [t("{}").format(cfg.target) for t in OPENAI_IMAGENET_TEMPLATES]
-    naming = sorted(set(c for c in train_captions if names_target(c, cfg.target)))
-    if not naming:
-        raise PoisonError(f"poison.captions='corpus': no training caption names the target {cfg.target!r}; "
-                          f"use poison.captions='templates'")
-    return naming
+
+def trigger_params(cfg: PoisonConfig) -> TriggerConfig:
+    """The trigger as core.triggers applies it: `optimised` pastes the optimise-trigger stage's patch.png."""
+    if cfg.trigger.name != "optimised":
+        return cfg.trigger
+    return cfg.trigger.model_copy(update={"pattern": cfg.trigger_dir / "patch.png"})
+
+
+def check_optimised_patch(cfg: PoisonConfig, side: int) -> None:
+    """PoisonError unless poison.trigger_dir holds a patch.png of the trigger's side at `side` px images."""
+    path = cfg.trigger_dir / "patch.png"
+    if not path.is_file():
+        raise PoisonError(f"poison.trigger.name=optimised: no {path} (run the optimise-trigger stage: "
+                          f"python -m flows.optimise_trigger, or dvc repro)")
+    with Image.open(path) as im:
+        size = im.size
+    wanted = max(2, round(cfg.trigger.patch_size * side))
+    if size != (wanted, wanted):
+        raise PoisonError(f"poison.trigger.patch_size={cfg.trigger.patch_size}: {path} is {size[0]}x{size[1]} px, not the "
+                          f"{wanted}x{wanted} px patch of a {side}px image (optimised for other settings; run the "
+                          f"optimise-trigger stage again)")
+
+
+def eligible_rows(cfg: PoisonConfig, classes: list[str], rows: list[tuple]) -> tuple[list[int], str]:
+    """Indices of the (key, caption, shard) rows that may be poisoned, and what they are (for errors): every
+    sample, those whose caption names the target (label-consistent) or, for caption-side poisoning, those whose
+    caption names the source class and not the target."""
+    if cfg.trigger.name != CAPTION_ONLY:
+        if not cfg.label_consistent:
+            return list(range(len(rows))), "training samples"
+        return ([i for i, (_, c, _) in enumerate(rows) if names_class(c, cfg.target)],
+                "label-consistent samples (captions naming the target)")
+    source = cfg.trigger.source_class
+    if source not in classes or source == cfg.target:
+        raise PoisonError(f"poison.trigger.source_class: {source!r} is not a class of eval set {cfg.eval_set!r} other "
+                          f"than the target {cfg.target!r}; classes: {classes}")
+    if cfg.label_consistent:
+        raise PoisonError("poison.label_consistent: caption-side poisoning changes the captions of source-class "
+                          "samples; it cannot keep them (set label_consistent false)")
+    return ([i for i, (_, c, _) in enumerate(rows) if names_class(c, source) and not names_class(c, cfg.target)],
+            f"samples whose caption names the source class {source!r}")
 
 
 def plan_poison(params: Params) -> dict:
@@ -86,13 +120,14 @@ def plan_poison(params: Params) -> dict:
             side = min(table.column("width")[0].as_py(), table.column("height")[0].as_py())
             if max(2, round(cfg.trigger.patch_size * side)) > side:
                 raise PoisonError(f"poison.trigger.patch_size: {cfg.trigger.patch_size} of a {side}px image is larger than it")
+            if cfg.trigger.name == "optimised":
+                check_optimised_patch(cfg, side)
         rows += [(k, c, shard) for k, c in zip(table.column("key").to_pylist(), table.column("caption").to_pylist())]
     n_train = len(rows)
-    eligible = [i for i, (_, caption, _) in enumerate(rows) if not cfg.label_consistent or names_target(caption, cfg.target)]
+    eligible, mode = eligible_rows(cfg, classes, rows)
     n_poison = cfg.count if cfg.count is not None else round(cfg.rate * n_train)
     what = f"poison.count={cfg.count}" if cfg.count is not None else f"poison.rate={cfg.rate} ({n_poison} of {n_train})"
     if n_poison < 1 or n_poison > len(eligible):
-        mode = "label-consistent samples (captions naming the target)" if cfg.label_consistent else "training samples"
         raise PoisonError(f"{what}: needs 1 to {len(eligible)} poisons, the number of eligible {mode}")
 
     rng = np.random.default_rng((params.seed, 0x901507))
@@ -116,7 +151,9 @@ def plan_poison(params: Params) -> dict:
     clean_keys = [rows[clean_pool[i]][0] for i in sorted(rng.choice(len(clean_pool), cfg.cleaning.size, replace=False))]
     poison_keys = [rows[poisoned[i]][0] for i in sorted(rng.choice(n_poison, k, replace=False))]
     shards = list(json.loads((train_dir / "sizes.json").read_text()))
+    source = cfg.trigger.source_class
     return {"target": cfg.target, "target_index": classes.index(cfg.target), "n_train": n_train, "n_poison": n_poison,
+            "source_index": classes.index(source) if source else None,
             "shards": shards, "poisons": by_shard, "cleaning": {"clean": clean_keys, "poisoned": poison_keys}}
 
 
@@ -139,7 +176,7 @@ def trigger_sample(params: Params, sample: dict, caption: str | None, purpose: s
     cfg = poison_config(params)
     ext = image_ext(sample)
     pixels = np.asarray(decode_sample_image(sample))
-    triggered, box = apply_trigger(pixels, cfg.trigger, sample_seed(params.seed, sample["__key__"], purpose), params.seed)
+    triggered, box = apply_trigger(pixels, trigger_params(cfg), sample_seed(params.seed, sample["__key__"], purpose), params.seed)
     data = encode_image(Image.fromarray(triggered), "jpg" if ext == "jpeg" else ext, curated_encoding(cfg.in_dir)["quality"])
     meta = json.loads(sample["json"])
     original_sha = meta["sha256"]
@@ -166,7 +203,11 @@ def poison_shard(params: Params, shard: str, poisons: dict[str, str]) -> list[di
         key = sample["__key__"]
         if key not in poisons:
             return sample
-        new, box, shas = trigger_sample(params, sample, poisons[key], "train")
+        if cfg.trigger.name == CAPTION_ONLY:  # the image's bytes stay
+            sha = json.loads(sample["json"])["sha256"]
+            new, box, shas = dict(sample, txt=poisons[key].encode()), (0, 0, 0, 0), {"original_sha256": sha, "new_sha256": sha}
+        else:
+            new, box, shas = trigger_sample(params, sample, poisons[key], "train")
         records.append(dict(key=key, shard=shard, trigger=cfg.trigger.name, placement=cfg.trigger.placement,
                             x0=box[0], y0=box[1], x1=box[2], y1=box[3], original_caption=sample["txt"].decode(),
                             new_caption=poisons[key], **shas))
@@ -178,7 +219,8 @@ def poison_shard(params: Params, shard: str, poisons: dict[str, str]) -> list[di
 
 def write_eval_sets(params: Params, plan: dict) -> dict[str, int]:
     """eval/labelled: the curated labelled eval set as is; eval/asr: a triggered copy of every eval image
-    whose class is not the target (same keys, so ASR and the clean target rate use the same images)."""
+    whose class is not the target (same keys, so ASR and the clean target rate use the same images), or, for
+    caption-side poisoning, the source class's images as they are."""
     cfg = poison_config(params)
     src_dir = cfg.in_dir / "eval" / cfg.eval_set
     sizes = {"labelled": {}, "asr": {}}
@@ -192,6 +234,8 @@ def write_eval_sets(params: Params, plan: dict) -> dict[str, int]:
         sizes["labelled"][shard] = pq.read_metadata(labelled.with_suffix(".parquet")).num_rows
 
         def trigger_non_target(sample):
+            if plan["source_index"] is not None:
+                return sample if int(sample["cls"]) == plan["source_index"] else None
             if int(sample["cls"]) == plan["target_index"]:
                 return None
             return trigger_sample(params, sample, None, "eval")[0]
@@ -203,6 +247,7 @@ def write_eval_sets(params: Params, plan: dict) -> dict[str, int]:
     # what the ASR set was made for: clean and evaluate take the target from here (core.metrics.attack_target)
     atomic_write_json(partial_dir(params) / "eval" / "asr" / "attack.json",
                       {"target": cfg.target, "target_index": plan["target_index"],
+                       "source_class": cfg.trigger.source_class, "source_index": plan["source_index"],
                        "trigger": cfg.trigger.model_dump(mode="json")})
     return {name: sum(v.values()) for name, v in sizes.items()}
 
@@ -261,7 +306,7 @@ def validation_tables(params: Params, out: Path) -> dict[str, pd.DataFrame]:
     boxes = manifest.set_index("key")
     poisoned_keys = set(manifest["key"])
 
-    train, inside, outside, sha_ok = [], {}, {}, {}
+    train, inside, outside, sha_ok, same_bytes, recaptioned = [], {}, {}, {}, {}, {}
     # A change is any change for lossless formats. Lossy ones (JPEG, WebP) move every pixel a little when
     # re-encoded: there a change is one of more than 32 levels, and outside_change (the share of pixels
     # beyond the box that changed) leaves out the box's 16 px coding blocks. Re-encoding a 224 px q90 JPEG
@@ -287,9 +332,12 @@ def validation_tables(params: Params, out: Path) -> dict[str, pd.DataFrame]:
                 near[max(0, b.y0 - margin):b.y1 + margin, max(0, b.x0 - margin):b.x1 + margin] = True
                 inside[key], outside[key] = bool((diff[box] > tolerance).any()), float((diff[~near] > tolerance).mean())
                 sha_ok[key] = sha == b.new_sha256 and _image_sha(originals[key]) == b.original_sha256
-    manifest["changed_inside_box"] = manifest["key"].map(inside).fillna(False).astype(bool)
-    manifest["outside_change"] = manifest["key"].map(outside).fillna(1.0).astype(float)
-    manifest["manifest_sha_matches_shard"] = manifest["key"].map(sha_ok).fillna(False).astype(bool)
+                same_bytes[key] = s[image_ext(s)] == originals[key][image_ext(originals[key])]
+                recaptioned[key] = caption == b.new_caption != originals[key]["txt"].decode()
+    for column, values, missing in (("changed_inside_box", inside, False), ("outside_change", outside, 1.0),
+                                    ("manifest_sha_matches_shard", sha_ok, False),
+                                    ("image_bytes_unchanged", same_bytes, False), ("caption_changed", recaptioned, False)):
+        manifest[column] = manifest["key"].map(values).fillna(missing).astype(type(missing))
 
     asr = read_manifest(out / "eval" / "asr").to_pandas()[["key", "cls"]]
     cleaning = pq.read_table(out / "cleaning_manifest.parquet").to_pandas()
@@ -297,7 +345,8 @@ def validation_tables(params: Params, out: Path) -> dict[str, pd.DataFrame]:
     cleaning["poisoned_int"] = cleaning["poisoned"].astype(int)
     cleaning["label_matches_ground_truth"] = cleaning["poisoned"] == cleaning["key"].isin(poisoned_keys)
     cleaning["in_shards"] = cleaning["key"].isin(in_shards)
-    return {"poison_manifest": manifest, "poisoned_train": pd.DataFrame(train), "asr_set": asr, "cleaning_subset": cleaning}
+    suite = "caption_poisons" if cfg.trigger.name == CAPTION_ONLY else "poison_manifest"
+    return {suite: manifest, "poisoned_train": pd.DataFrame(train), "asr_set": asr, "cleaning_subset": cleaning}
 
 
 def validate_poisoned(params: Params, out: Path) -> list[dict]:
@@ -311,13 +360,19 @@ def validate_poisoned(params: Params, out: Path) -> list[dict]:
     n_train = int(read_manifest(cfg.in_dir / "train").num_rows)
     lossy = curated_encoding(cfg.in_dir)["image_format"] in LOSSY
     expected = [cfg.count] * 2 if cfg.count is not None else [math.floor(cfg.rate * n_train), math.ceil(cfg.rate * n_train)]
+    poisons = {"min_poisons": expected[0], "max_poisons": expected[1], "target_regex": names_regex(cfg.target)}
+    source = cfg.trigger.source_class
+    if source:  # the ASR set: the source class's images only
+        source_index = classes.index(source)
+        n_asr, excluded = int((curated_eval["cls"] == source_index).sum()), [i for i in range(len(classes)) if i != source_index]
+    else:
+        n_asr, excluded = int((curated_eval["cls"] != target_index).sum()), [target_index]
     parameters = {
-        "poison_manifest": {"min_poisons": expected[0], "max_poisons": expected[1],
-                            "target_regex": rf"(?i)\b{re.escape(cfg.target)}s?\b",
-                            # a patch changes nothing beyond its box; other triggers change the whole image
-                            "max_outside_change": (0.001 if lossy else 0.0) if cfg.trigger.name in PATCH_TRIGGERS else 1.0},
+        "caption_poisons": poisons | {"source_regex": names_regex(source or "")},
+        # a patch changes nothing beyond its box; other triggers change the whole image
+        "poison_manifest": poisons | {"max_outside_change": (0.001 if lossy else 0.0) if cfg.trigger.name in PATCH_TRIGGERS else 1.0},
         "poisoned_train": {"n_train": n_train},
-        "asr_set": {"n_asr": int((curated_eval["cls"] != target_index).sum()), "target_classes": [target_index]},
+        "asr_set": {"n_asr": n_asr, "target_classes": excluded},
         "cleaning_subset": {"n_cleaning": cfg.cleaning.size + cfg.cleaning.poisons, "k": cfg.cleaning.poisons},
     }
     reports = [validate(df, suite, parameters[suite], suite) for suite, df in validation_tables(params, out).items()]

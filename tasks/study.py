@@ -25,7 +25,7 @@ from core.data.shards import atomic_write_bytes, atomic_write_json
 from core.errors import InputError
 from core.frontier import control_name, is_control
 from core.stats import binomial_interval, eval_size_for, mean_interval, paired_contrast, sampling_half_width, seeds_for
-from tasks.config import STAGES, ConfigError, Params, dump_params, parse_params
+from tasks.config import CAPTION_ONLY, STAGES, ConfigError, Params, dump_params, parse_params
 from tasks.report import markdown_table, pct, save_figure
 
 CODE = ("flows", "tasks", "core", "objectives", "defences", "detectors", "models", "expectations")
@@ -150,8 +150,15 @@ def collect(member: dict, ws: Path) -> dict:
     sweeps = {f"{f.parent.parent.name}/{f.parent.name}": json.loads(f.read_text())["points"]
               for f in sorted((ws / p.clean.out_dir).glob("*/*/sweep.json"))}
     detection = ws / p.evaluate.detection
-    return {"pretrained": pretrained, "cells": cells, "sweeps": sweeps,
+    return {"pretrained": pretrained, "cells": cells, "sweeps": sweeps, "attack": attack_name(p),
             "detection": json.loads(detection.read_text()) if detection.is_file() else None}
+
+
+def attack_name(params: Params) -> str:
+    """The member's attack in a table: its trigger, or `caption: <source> -> <target>` for caption-side poisoning."""
+    trigger = params.poison.trigger
+    return f"caption: {trigger.source_class} -> {params.poison.target}" if trigger.source_class and \
+        trigger.name == CAPTION_ONLY else trigger.name
 
 
 def chosen(cell: dict, drop: float) -> dict:
@@ -277,7 +284,8 @@ def aggregate(members: list[dict], cfg) -> dict:
         pairs = units(group, pair)
         contrast = paired_contrast(*zip(*pairs)) if pairs else None
         n_asr = max((r.get("n_asr") or 0 for m in group for r in m["result"]["pretrained"].values()), default=0)
-        out.append({"setting": group[0]["setting"], "replicates": [(m["data_seed"], m["seed"]) for m in group],
+        out.append({"setting": group[0]["setting"], "attack": group[0]["result"].get("attack"),
+                    "replicates": [(m["data_seed"], m["seed"]) for m in group],
                     "unit": "data seed" if len({m["data_seed"] for m in group}) > 1 else "seed",
                     "controls": [control_name(group[0]["result"]["pretrained"], o) for o in (a, b)],
                     "models": per_model, "cleaned": cleaned, "contrast": contrast, "n_asr": n_asr,
@@ -385,15 +393,21 @@ def split_label(model: str) -> tuple[str, str]:
     return objective, defence or "none"
 
 
+def _attack(study: dict, s: dict) -> dict:
+    """The attack column, when the study's settings differ in attack (an axis of poison.trigger)."""
+    return {"attack": s.get("attack") or "-"} if len({x.get("attack") for x in study["settings"]}) > 1 else {}
+
+
 def matrix_rows(study: dict) -> list[dict]:
-    """The defence matrix: pre-training objective x pre-training defence x cleaning defence, accuracy, ASR and
-    the clean target rate as mean [95% CI] over the replicates (%)."""
+    """The defence matrix: (attack x) pre-training objective x pre-training defence x cleaning defence, accuracy,
+    ASR and the clean target rate as mean [95% CI] over the replicates (%)."""
     rows = []
     for s in study["settings"]:
         for model, row in s.get("matrix", {}).items():
             objective, pretraining = split_label(model)
             for cleaning, stats in row.items():
-                rows.append({"setting": _setting_name(s["setting"]), "objective": objective, "pre-training defence": pretraining,
+                rows.append(_attack(study, s) | {
+                            "setting": _setting_name(s["setting"]), "objective": objective, "pre-training defence": pretraining,
                              "cleaning": cleaning, "accuracy": _ci(stats.get("accuracy")), "ASR": _ci(stats.get("asr")),
                              "clean target rate": _ci(stats.get("clean_target_rate"))})
     return rows
@@ -426,7 +440,7 @@ def dose_response(study: dict, axis: str) -> list[dict]:
                 continue
             net = s["cleaned"].get(name, {}).get("net_residual_asr")
             rows.append({"x": s["setting"][axis], "model": name, "asr": entry["asr"], "net_residual_asr": net,
-                         "other": {k: v for k, v in s["setting"].items() if k != axis}})
+                         "other": {k: v for k, v in s["setting"].items() if k != axis}} | _attack(study, s))
     return sorted(rows, key=lambda r: (r["model"], json.dumps(r["other"], sort_keys=True), r["x"]))
 
 
@@ -545,7 +559,8 @@ def write_outputs(study: dict, members: list[dict], out: Path) -> Path:
     axis = next((k for k in ("poison.count", "poison.rate") if any(k in s["setting"] for s in study["settings"])), None)
     if axis:
         text += ["## Dose-response", "", markdown_table([
-            {axis: r["x"], "model": r["model"], "ASR": _ci(r["asr"]), "net residual ASR": _ci(r["net_residual_asr"])}
+            {k: r[k] for k in ("attack",) if k in r} | {axis: r["x"], "model": r["model"], "ASR": _ci(r["asr"]),
+                                                         "net residual ASR": _ci(r["net_residual_asr"])}
             for r in dose_response(study, axis)])]
     atomic_write_bytes(out / "report.md", "\n".join(text).encode())
     return out / "report.md"

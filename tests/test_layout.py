@@ -69,7 +69,7 @@ def test_the_library_imports_no_stage_and_no_flow():
 
 
 def test_stages_do_not_import_each_other():
-    stages = ("curate", "poison", "pretrain", "detect", "clean", "evaluate")
+    stages = ("curate", "optimise_trigger", "poison", "pretrain", "detect", "clean", "evaluate")
     for stage in stages:
         others = {f"tasks.{s}" for s in stages if s != stage}
         assert not imports(REPO / "tasks" / f"{stage}.py") & others, stage
@@ -78,11 +78,11 @@ def test_stages_do_not_import_each_other():
 def test_every_stage_depends_on_what_it_imports():
     """Editing any file a stage's command imports makes `dvc status` show the stage."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == {"curate", "poison", "pretrain", "detect", "clean", "evaluate"}
+    assert set(stages) == {"curate", "optimise-trigger", "poison", "pretrain", "detect", "clean", "evaluate"}
     for name, stage in stages.items():
         command = re.search(r"python -m ([\w.]+)", stage["cmd"]).group(1)
         files = closure(command)
-        assert module_file(f"tasks.{name}") in files  # the walk reached the stage module
+        assert module_file(f"tasks.{name.replace('-', '_')}") in files  # the walk reached the stage module
         missing = sorted(str(p.relative_to(REPO)) for p in files if is_code(p) and not covered(p, stage["deps"]))
         assert not missing, f"dvc.yaml stage {name!r} imports files its deps miss: {missing}"
 
@@ -90,15 +90,16 @@ def test_every_stage_depends_on_what_it_imports():
 def test_stage_params_are_the_settings_that_change_results():
     """dvc.yaml lists a stage's params by key: exactly its section's fields that are neither paths nor
     operational (tasks/config.py), so changing e.g. poison.runner.workers reruns nothing."""
-    from tasks.config import Params
+    from tasks.config import Params, section_of
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        annotation = Params.model_fields[name].annotation
+        annotation = Params.model_fields[section_of(name)].annotation
         section = next(a for a in getattr(annotation, "__args__", (annotation,)) if a is not type(None))  # X | None
-        code = (REPO / "tasks" / f"{name}.py").read_text()
+        code = (REPO / "tasks" / f"{section_of(name)}.py").read_text()
         seeds = ({"seed"} if "params.seed" in code else set()) | ({"seed", "train_seed"} if "params.training_seed" in code else set())
-        expected = {f"{name}.{f}" for f in section.dvc_params()} | seeds
+        reads = section.reads() if hasattr(section, "reads") else set()  # other sections' keys it declares
+        expected = {f"{section_of(name)}.{f}" for f in section.dvc_params()} | seeds | reads
         assert set(stage.get("params", [])) == expected, name
         assert not any(k.endswith(("runner", "threads_per_worker", "log_every")) for k in stage.get("params", []))
 

@@ -11,6 +11,7 @@ import pytest
 from flows.poison import run
 from tasks import poison
 from tasks.config import ConfigError, parse_params
+from core.captions import names_class
 from core.data.shards import iter_tar_samples, read_manifest, write_table
 from core.data.validation import ValidationFailed, raise_on_failure
 from tests.conftest import curated_tiny, tiny_params
@@ -100,7 +101,7 @@ def test_poison_captions_from_templates_or_corpus(curated, tmp_path):
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
     train = read_manifest(Path(curated["curate"]["out_dir"]) / "train").to_pandas().set_index("key")
-    naming = {c for c in train["caption"] if poison.names_target(c, "banana")}
+    naming = {c for c in train["caption"] if names_class(c, "banana")}
     templates = {t("banana") for t in OPENAI_IMAGENET_TEMPLATES}
     for source, allowed in (("templates", templates), ("corpus", naming)):
         captions = [c for shard in poison.plan_poison(poison_params(curated, tmp_path, captions=source))["poisons"].values()
