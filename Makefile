@@ -14,7 +14,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run pipeline defences test test-all browser bench clean-staging
+.PHONY: setup run pipeline defences attacks test test-all browser bench clean-staging
 
 setup: $(VENV)/.installed .dvc/config .dvc/plots.html
 
@@ -40,6 +40,10 @@ pipeline: setup
 # the defence matrix (params/defences.yaml): pre-training defences x objectives x cleaning defences, 3 seeds
 defences: setup
 	python -m flows.study --params params/defences.yaml
+
+# the attacks study (params/attacks.yaml): noise patch, optimised patch, caption-side poisoning x 2 doses, 3 seeds
+attacks: setup
+	python -m flows.study --params params/attacks.yaml
 
 test: setup browser
 	python -m pytest -m "not slow"

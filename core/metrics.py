@@ -37,15 +37,24 @@ def load_classes(eval_dir: Path) -> dict:
     return meta
 
 
-def attack_target(eval_dir: Path) -> str:
-    """The backdoor target the triggered set under `eval_dir` (asr/) was made for: the poison stage
-    records it in asr/attack.json, so every later stage reads the one target the data was poisoned with."""
+def read_attack(eval_dir: Path) -> dict:
+    """What the triggered set under `eval_dir` (asr/) was made for, as the poison stage recorded it in
+    asr/attack.json (target, target_index, trigger, and for caption-side poisoning source_class and source_index),
+    so every later stage reads the one attack the data was poisoned with. EvalError naming the file if unreadable."""
     path = eval_dir / "asr" / "attack.json"
     try:
-        return json.loads(path.read_text())["target"]
-    except (OSError, ValueError, KeyError) as err:
-        raise EvalError(f"{path}: no attack target ({type(err).__name__}: {err}); run the poison stage that writes "
-                        f"the eval sets") from None
+        attack = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        attack = {"unreadable": f"{type(err).__name__}: {err}"}
+    if "target" not in attack:
+        raise EvalError(f"{path}: no attack target ({attack.get('unreadable', 'no key target')}); run the poison stage "
+                        f"that writes the eval sets")
+    return attack
+
+
+def attack_target(eval_dir: Path) -> str:
+    """The backdoor target of the eval sets under `eval_dir` (read_attack)."""
+    return read_attack(eval_dir)["target"]
 
 
 def check_eval_sets(eval_dir: Path, key: str) -> str:

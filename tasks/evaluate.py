@@ -11,7 +11,7 @@ import torch
 from core.checkpoint import load_model
 from core.data.shards import atomic_write_json
 from core.frontier import control_of, frontier
-from core.metrics import EvalError, attack_target, check_eval_sets, evaluate, flat
+from core.metrics import EvalError, attack_target, check_eval_sets, evaluate, flat, read_attack
 from core.model import for_device
 from tasks.config import EvaluateConfig, Params, require_section
 
@@ -100,5 +100,5 @@ def run_evaluation(params: Params) -> dict:
     atomic_write_json(cfg.metrics_dir / "frontier.json", table)
     write_plots(params, sweeps)
     detection = json.loads(cfg.detection.read_text()) if cfg.detection.is_file() else None
-    report = write_report(params, target_of(params), pretrained, sweeps, table, detection)
+    report = write_report(params, read_attack(evaluate_config(params).eval_dir), pretrained, sweeps, table, detection)
     return {"pretrained": pretrained, "cells": table, "report": str(report)}

@@ -191,17 +191,25 @@ def save_figure(fig, path: Path, dpi: int = 100) -> str:
     return path.name
 
 
-def write_report(params: Params, target: str, pretrained: dict, sweeps: dict, cells: dict,
+def write_report(params: Params, attack: dict, pretrained: dict, sweeps: dict, cells: dict,
                  detection: dict | None = None) -> Path:
+    """report.md and its figures in evaluate.report_dir; `attack`: the eval sets' (core.metrics.read_attack)."""
     cfg = params.evaluate
+    target = attack["target"]
     figures = _figures(cfg.models_dir, sweeps, cells, cfg.report_dir / "figures")
     models = model_rows(pretrained)
     study = [{"data": d, "pre-training": o, "poisoned acc / ASR": f"{a:.2f} / {s:.2f}",
               "CleanCLIP best acc @ ASR<=5%": f"{b:.2f}"} for d, o, a, s, b in STUDY]
+    if attack.get("source_class"):
+        what = (f"caption-side poisoning: `{attack['source_class']}` images captioned as the target. ASR is the share "
+                f"of the `{attack['source_class']}` eval images predicted as the target; CTR, the clean target rate, the "
+                f"target's share among the images of the other classes (the attack's spill-over).")
+    else:
+        what = (f"trigger `{attack['trigger']['name']}`. CTR is the clean target rate: the share of the same "
+                f"non-target images predicted as the target without the trigger (a class bias, not a backdoor).")
     text = f"""# Backdoor robustness report
 
-Target: `{target}`. All rates in %. CTR is the clean target rate: the share
-of the same non-target images predicted as the target without the trigger (a class bias, not a backdoor).
+Target: `{target}`; attack: {what} All rates in %.
 
 ## Verdict
 

@@ -188,8 +188,9 @@ def test_report_renders_table_figures_and_verdict(tmp_path):
     sweeps = {"mmcl/cleanclip": {"defence": "cleanclip", "points": sweep_points()}}
     cells = ev.cells(pretrained, sweeps)
     assert cells["mmcl/cleanclip"]["control_accuracy"] == 0.51
-    path = report.write_report(params, "banana", pretrained, sweeps, cells)
+    path = report.write_report(params, {"target": "banana", "trigger": {"name": "noise_patch"}}, pretrained, sweeps, cells)
     text = path.read_text()
+    assert "Target: `banana`; attack: trigger `noise_patch`. CTR is the clean target rate" in text
     assert "| mmcl | cleanclip | 50.0 / 95.0 (2.0) | 51.0 | 42.0 | 48.5 | 48.5 | 49.0 | 20.0 | 4.0 | 4.0 |" in text
     assert "| ASR >= 90% | mmcl | 95.0 | yes |" in text
     assert "| cleanclip: ASR <= 10% within 3 pts of accuracy | mmcl | 4.0 at 48.5 | yes |" in text
@@ -197,6 +198,9 @@ def test_report_renders_table_figures_and_verdict(tmp_path):
     assert "CC6M | MMCL+SSL | 23.86 / 99.45 | 13.05" in text
     for fig in ("frontier-mmcl-cleanclip.png", "train-loss.png"):
         assert f"figures/{fig}" in text and (tmp_path / "reports" / "figures" / fig).stat().st_size > 1000
+    caption = {"target": "banana", "trigger": {"name": "caption"}, "source_class": "apple"}
+    assert "ASR is the share of the `apple` eval images predicted as the target" in report.write_report(
+        params, caption, pretrained, sweeps, cells).read_text()
 
 
 def test_shape_checks_from_the_numbers():

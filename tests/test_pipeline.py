@@ -21,20 +21,21 @@ from tests.conftest import REPO, complete_checkpoints, copy_project, tiny_params
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 
-STAGES = ("curate", "poison", "pretrain", "detect", "clean", "evaluate")
+STAGES = ("curate", "optimise-trigger", "poison", "pretrain", "detect", "clean", "evaluate")
 MODELS = ("mmcl", "mmcl+safeclip", "control-mmcl")
 DEFENCES = ("cleanclip", "par")
 
 
 def stage_status(output: str) -> dict:
-    return dict(re.findall(r"^\s*(\w+): (ran|up to date) \(", output, re.M))
+    return dict(re.findall(r"^\s*([\w-]+): (ran|up to date) \(", output, re.M))
 
 
 def tiny_study(repo: Path) -> dict:
     params = tiny_params(repo, [], shard_maxcount=64)
     params["curate"] |= {"out_dir": "data/curated", "staging_dir": "data/staging/curate"}
     params["curate"]["sources"][0] |= {"train_pairs": 160, "eval_per_class": 2}
-    params["poison"] = {"count": 16, "trigger": {"patch_size": 0.25}, "cleaning": {"size": 32},
+    params["optimise_trigger"] = {"steps": 20, "images": 64, "batch_size": 16}
+    params["poison"] = {"count": 16, "trigger": {"name": "optimised", "patch_size": 0.25}, "cleaning": {"size": 32},
                         "runner": {"kind": "thread", "workers": 2}}
     params["pretrain"] = {"objectives": ["mmcl"], "controls": ["mmcl"], "defences": ["none", "safeclip"],
                           "model": "vit-tiny", "epochs": 3, "batch_size": 32, "warmup_steps": 1, "checkpoint_every": 2,
@@ -98,6 +99,11 @@ def test_pipeline_end_to_end_then_up_to_date(reference, env):
     assert detection["mmcl"]["detectors"]["spectral"]["k"] == 16 and detection["mmcl"]["pairs"] == 160
     report = (repo / "reports" / "report.md").read_text()
     assert "## Poisoned-pair detection" in report and "| mmcl+safeclip | density |" in report
+    # the optimised patch went through DVC to the poisons; its surrogate was pretrain's control run, reused there
+    trigger = json.loads((repo / "data" / "trigger" / "trigger.json").read_text())
+    control = json.loads((repo / "data" / "models" / "pretrain" / "control-mmcl" / "metrics.json").read_text())
+    assert trigger["optimised"] and trigger["surrogate"]["run_id"] == control["run_id"]
+    assert json.loads((repo / "data" / "poisoned" / "stats.json").read_text())["trigger"]["name"] == "optimised"
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout
     assert "up to date" in status, status
 
@@ -118,7 +124,7 @@ def test_pipeline_end_to_end_then_up_to_date(reference, env):
     params["poison"]["target"] = "heart"  # what the poison stage computes: it and everything after it
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout
-    assert "poison:" in status and "curate:" not in status, status
+    assert "poison:" in status and "optimise-trigger:" in status and "curate:" not in status, status
     (repo / "params.yaml").write_text(original)
 
     assert stage_status(run_pipeline(repo, env)) == dict.fromkeys(STAGES, "up to date")
@@ -149,7 +155,7 @@ def test_killed_in_pretrain_resumes_to_the_same_metrics(reference, tmp_path, env
 
     rerun = run_pipeline(repo, env)
     assert "resumed from checkpoint at step" in rerun
-    assert stage_status(rerun) == {"curate": "up to date", "poison": "up to date", "pretrain": "ran",
+    assert stage_status(rerun) == {"curate": "up to date", "optimise-trigger": "up to date", "poison": "up to date", "pretrain": "ran",
                                    "detect": "ran", "clean": "ran", "evaluate": "ran"}
     assert metrics_of(repo) == metrics_of(reference[0])
 

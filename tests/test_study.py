@@ -46,7 +46,8 @@ def test_stage_waves_share_what_does_not_change(tmp_path):
     stages = yaml.safe_load((Path(study.__file__).parent.parent / "dvc.yaml").read_text())["stages"]
     members = study.plan(parse_params(base_params(tmp_path, seeds=[0, 1, 2], axes={"poison.count": [4, 8]})))
     sizes = {s: [len(w) for w in study.waves(members, s, stages)] for s in STAGES}
-    assert sizes == {"curate": [1, 5], "poison": [2, 4], "pretrain": [6], "detect": [6], "clean": [6], "evaluate": [6]}
+    assert sizes == {"curate": [1, 5], "optimise-trigger": [1, 5], "poison": [2, 4], "pretrain": [6], "detect": [6],
+                     "clean": [6], "evaluate": [6]}
 
 
 def result(residuals: dict, accuracy: float = 0.7, n: int = 100, n_asr: int = 50) -> dict:
@@ -108,6 +109,35 @@ def test_defence_matrix_and_detection_table_over_seeds(tmp_path):
     report = study.write_outputs(summary, members, tmp_path / "out").read_text()
     assert "## Defences: pre-training objective x pre-training defence x cleaning" in report
     assert "| the default setting | mmcl | safeclip | spectral | 85.0 [" in report
+
+
+def test_attacks_study_plan_and_table(tmp_path):
+    """params/attacks.yaml: 3 attacks x 2 doses x 3 seeds; each attack optimises (or skips) its trigger once for all
+    doses and seeds; the matrix and the dose-response carry an attack column (caption: source -> target)."""
+    repo = Path(study.__file__).parent.parent
+    members = study.plan(parse_params(yaml.safe_load((repo / "params" / "attacks.yaml").read_text())))
+    assert len(members) == 18
+    caption = next(m["params"] for m in members if m["setting"]["poison.trigger.name"] == "caption")
+    assert caption.poison.trigger.placement == "none" and study.attack_name(caption) == "caption: apple -> banana"
+    stages = study.read_dvc_stages(repo)
+    assert [len(w) for w in study.waves(members, "optimise-trigger", stages)] == [3, 15]
+    assert [len(w) for w in study.waves(members, "poison", stages)] == [6, 12]
+
+    cfg = parse_params(base_params(tmp_path)).study
+    rows = []
+    for attack, count, s in [(a, c, s) for a in ("noise_patch", "caption: apple -> banana") for c in (100, 500) for s in range(2)]:
+        r = result({"mmcl_ssl": 0.3 + count / 5000, "mmcl": 0.1, "control-mmcl": 0.05}) | {"attack": attack}
+        name = attack.split(":")[0]
+        rows.append({"name": f"{name}-{count}-{s}", "setting": {"poison.trigger.name": name, "poison.count": count},
+                     "data_seed": 0, "seed": s, "result": r})
+    summary = study.aggregate(rows, cfg)
+    table = study.matrix_rows(summary)
+    assert {r["attack"] for r in table} == {"noise_patch", "caption: apple -> banana"}
+    assert list(table[0])[:2] == ["attack", "setting"]
+    dose = study.dose_response(summary, "poison.count")
+    assert {(r["attack"], r["model"], r["x"]) for r in dose} >= {("caption: apple -> banana", "mmcl_ssl", 500)}
+    text = study.write_outputs(summary, rows, tmp_path / "out").read_text()
+    assert "| caption: apple -> banana | 500 | mmcl_ssl |" in text  # the dose-response per attack
 
 
 def test_data_seeds_are_the_replicates_when_they_vary(tmp_path):
