@@ -13,7 +13,7 @@ from core.data.validation import raise_on_failure
 from core.model import build_model
 from core.optimised_trigger import PatchObjective, image_encoder, optimise_patch
 from flows.optimise_trigger import optimise_trigger_flow
-from tasks import optimise_trigger, poison, pretrain
+from tasks import poison, pretrain
 from tasks.config import TriggerConfig, parse_params
 from tests.conftest import curated_tiny
 
