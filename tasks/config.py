@@ -255,6 +255,11 @@ class TriggerConfig(Strict):
     wanet_strength: Annotated[Real, Field(gt=0, le=4)] = 0.5
     source_class: str | None = None  # caption: the class whose images are re-captioned (a class of poison.eval_set); others ignore it
 
+    @property
+    def source(self) -> str | None:
+        """The source class of caption-side poisoning; None for a trigger (which ignores source_class)."""
+        return self.source_class if self.name == CAPTION_ONLY else None
+
     @model_validator(mode="after")
     def _placement_fits_trigger(self):
         if self.name == CAPTION_ONLY:  # it touches no pixels: placement is none whatever the (shared) params say

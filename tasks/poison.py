@@ -90,7 +90,7 @@ def eligible_rows(cfg: PoisonConfig, classes: list[str], rows: list[tuple]) -> t
             return list(range(len(rows))), "training samples"
         return ([i for i, (_, c, _) in enumerate(rows) if names_class(c, cfg.target)],
                 "label-consistent samples (captions naming the target)")
-    source = cfg.trigger.source_class
+    source = cfg.trigger.source
     if source not in classes or source == cfg.target:
         raise PoisonError(f"poison.trigger.source_class: {source!r} is not a class of eval set {cfg.eval_set!r} other "
                           f"than the target {cfg.target!r}; classes: {classes}")
@@ -150,7 +150,7 @@ def plan_poison(params: Params) -> dict:
     clean_keys = [rows[clean_pool[i]][0] for i in sorted(rng.choice(len(clean_pool), cfg.cleaning.size, replace=False))]
     poison_keys = [rows[poisoned[i]][0] for i in sorted(rng.choice(n_poison, k, replace=False))]
     shards = list(json.loads((train_dir / "sizes.json").read_text()))
-    source = cfg.trigger.source_class
+    source = cfg.trigger.source
     return {"target": cfg.target, "target_index": classes.index(cfg.target), "n_train": n_train, "n_poison": n_poison,
             "source_index": classes.index(source) if source else None,
             "shards": shards, "poisons": by_shard, "cleaning": {"clean": clean_keys, "poisoned": poison_keys}}
@@ -246,7 +246,7 @@ def write_eval_sets(params: Params, plan: dict) -> dict[str, int]:
     # what the ASR set was made for: clean and evaluate take the target from here (core.metrics.attack_target)
     atomic_write_json(partial_dir(params) / "eval" / "asr" / "attack.json",
                       {"target": cfg.target, "target_index": plan["target_index"],
-                       "source_class": cfg.trigger.source_class, "source_index": plan["source_index"],
+                       "source_class": cfg.trigger.source, "source_index": plan["source_index"],
                        "trigger": cfg.trigger.model_dump(mode="json")})
     return {name: sum(v.values()) for name, v in sizes.items()}
 
@@ -360,7 +360,7 @@ def validate_poisoned(params: Params, out: Path) -> list[dict]:
     lossy = curated_encoding(cfg.in_dir)["image_format"] in LOSSY
     expected = [cfg.count] * 2 if cfg.count is not None else [math.floor(cfg.rate * n_train), math.ceil(cfg.rate * n_train)]
     poisons = {"min_poisons": expected[0], "max_poisons": expected[1], "target_regex": names_regex(cfg.target)}
-    source = cfg.trigger.source_class
+    source = cfg.trigger.source
     if source:  # the ASR set: the source class's images only
         source_index = classes.index(source)
         n_asr, excluded = int((curated_eval["cls"] == source_index).sum()), [i for i in range(len(classes)) if i != source_index]

@@ -25,7 +25,7 @@ from core.data.shards import atomic_write_bytes, atomic_write_json
 from core.errors import InputError
 from core.frontier import control_name, is_control
 from core.stats import binomial_interval, eval_size_for, mean_interval, paired_contrast, sampling_half_width, seeds_for
-from tasks.config import CAPTION_ONLY, STAGES, ConfigError, Params, dump_params, parse_params
+from tasks.config import STAGES, ConfigError, Params, dump_params, parse_params
 from tasks.report import markdown_table, pct, save_figure
 
 CODE = ("flows", "tasks", "core", "objectives", "defences", "detectors", "models", "expectations")
@@ -157,8 +157,7 @@ def collect(member: dict, ws: Path) -> dict:
 def attack_name(params: Params) -> str:
     """The member's attack in a table: its trigger, or `caption: <source> -> <target>` for caption-side poisoning."""
     trigger = params.poison.trigger
-    return f"caption: {trigger.source_class} -> {params.poison.target}" if trigger.source_class and \
-        trigger.name == CAPTION_ONLY else trigger.name
+    return f"caption: {trigger.source} -> {params.poison.target}" if trigger.source else trigger.name
 
 
 def chosen(cell: dict, drop: float) -> dict:

@@ -102,7 +102,8 @@ def test_caption_poisoning_ignores_the_shared_placement(curated, tmp_path):
 
 def test_optimised_trigger_pastes_the_stored_patch(curated, tmp_path):
     trigger_dir = tmp_path / "trigger"
-    params = poison_params(curated, tmp_path, trigger={"name": "optimised", "patch_size": 0.25, "placement": "top_left"},
+    params = poison_params(curated, tmp_path, trigger={"name": "optimised", "patch_size": 0.25, "placement": "top_left",
+                                                       "source_class": "apple"},  # caption's: ignored by a trigger
                            trigger_dir=str(trigger_dir))
     with pytest.raises(poison.PoisonError, match=r"poison.trigger.name=optimised: no .*patch.png \(run the optimise-trigger stage"):
         poison.plan_poison(params)
@@ -119,7 +120,8 @@ def test_optimised_trigger_pastes_the_stored_patch(curated, tmp_path):
         assert (np.asarray(decode_sample_image(poisoned[key]))[:8, :8] == patch).all()
     for s in samples(out / "eval" / "asr").values():
         assert (np.asarray(decode_sample_image(s))[:8, :8] == patch).all()
-    assert len(read_manifest(out / "eval" / "asr")) == 30  # every non-target eval image
+    assert len(read_manifest(out / "eval" / "asr")) == 30  # every non-target eval image, not the apples only
+    assert json.loads((out / "eval" / "asr" / "attack.json").read_text())["source_class"] is None
 
 
 def test_caption_attack_metrics_compare_with_the_other_classes():
