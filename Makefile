@@ -58,7 +58,7 @@ browser:
 	  echo "could not install chromium and chromium-driver (apt-get, as root): the browser tests will fail"
 
 bench: setup
-	for b in params curate poison objectives pretrain accumulation loader clean evaluate memory shard_check; do python benchmarks/$$b.py || exit 1; done
+	for b in params curate poison objectives pretrain accumulation loader clean evaluate memory shard_check defences attacks; do python benchmarks/$$b.py || exit 1; done
 
 clean-staging:
 	rm -rf data/staging
