@@ -87,7 +87,7 @@ if __name__ == "__main__":
             runner = ThreadPoolTaskRunner(max_workers=params.study.concurrent)
             result = study_flow.with_options(task_runner=runner)(params)
     for r in result["stages"]:
-        print(f"{r['member']:>28} {r['stage']:>9}: {how(r)} ({r['seconds']:.0f} s)")
+        print(f"{r['member']:>28} {r['stage']:>16}: {how(r)} ({r['seconds']:.0f} s)")
     print()
     print(markdown_table(result["rows"]))
     print(result["answer"])

@@ -228,9 +228,10 @@ def test_two_seed_study_through_prefect_and_dvc(tmp_path, prefect_server, browse
         return proc.stdout
 
     first = run()
-    how = dict(((m, s), h) for m, s, h in re.findall(r"^\s*(\S+)\s+(\w+): (ran|from the run-cache|up to date)", first, re.M))
+    how = dict(((m, s), h) for m, s, h in re.findall(r"^\s*(\S+)\s+([\w-]+): (ran|from the run-cache|up to date)", first, re.M))
     assert how[("data0-train0", "curate")] == how[("data0-train0", "poison")] == "ran"
     assert how[("data0-train1", "curate")] == how[("data0-train1", "poison")] == "from the run-cache", first[-4000:]
+    assert how[("data0-train1", "optimise-trigger")] == "from the run-cache"  # the data seed's, as poison's
     assert how[("data0-train0", "pretrain")] == how[("data0-train1", "pretrain")] == "ran"
     members = repo / "data" / "study" / "members"
     for seed in (0, 1):
