@@ -94,7 +94,7 @@ def test_whole_image_triggers():
 
 
 def test_trigger_config_errors():
-    with pytest.raises(ValidationError, match="'noise_patch', 'fixed_patch', 'yellow', 'blended', 'sig' or 'wanet'"):
+    with pytest.raises(ValidationError, match="'noise_patch', 'fixed_patch', 'yellow', 'optimised', 'blended', 'sig', 'wanet' or 'caption'"):
         TriggerConfig(name="glitter")
     with pytest.raises(ValidationError, match="less than or equal to 1"):
         TriggerConfig(patch_size=1.5)
