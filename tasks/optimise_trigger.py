@@ -126,7 +126,8 @@ def optimise(params: Params, surrogate: dict) -> dict:
     """The patch against the exported surrogate: patch.png and trigger.json in `<out_dir>.partial`; the summary."""
     cfg, poison = optimise_config(params), params.poison
     started = time.time()
-    model, preprocess, tokenizer = load_model(partial_dir(params) / "surrogate" / f"{CONTROL_PREFIX}{cfg.surrogate}" / "model.pt")
+    surrogate_dir = partial_dir(params) / "surrogate" / f"{CONTROL_PREFIX}{cfg.surrogate}"
+    model, preprocess, tokenizer = load_model(surrogate_dir / "model.pt")
     encoder = image_encoder(model, preprocess)
     train_dir = cfg.data_dir / "train"
     table = read_manifest(train_dir)
@@ -144,8 +145,8 @@ def optimise(params: Params, surrogate: dict) -> dict:
         own = torch.cat([encoder(images[i:i + 256]) for i in range(0, len(images), 256)])
         targets = torch.cat([encoder(torch.stack([decoded[keys[i]] for i in positives[j:j + 256]]))
                              for j in range(0, len(positives), 256)])
-    objective = PatchObjective(_target_text(model, tokenizer, poison_captions(poison.captions, poison.target, captions)), targets, own,
-                               cfg.margin, cfg.image_weight)
+    text = _target_text(model, tokenizer, poison_captions(poison.captions, poison.target, captions))
+    objective = PatchObjective(text, targets, own, cfg.margin, cfg.image_weight)
     seed = sample_seed(params.seed, "patch", "optimise-trigger")
     first, _ = optimise_patch(encoder, images, objective, poison.trigger, 0, cfg.batch_size, cfg.lr, seed)  # the start
     prepared = time.time()
