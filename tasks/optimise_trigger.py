@@ -95,31 +95,32 @@ def _target_text(model, tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def surrogate_asr(params: Params, model, tokenizer, encoder, patch: torch.Tensor) -> dict | None:
-    """The surrogate's zero-shot ASR (%, 95% Wilson interval) on the held-out eval set `<data_dir>/eval/
-    <poison.eval_set>` with the patch pasted where the poison stage pastes it on the ASR set; None without it."""
+def surrogate_asr(params: Params, model, tokenizer, encoder, patches: dict[str, torch.Tensor]) -> dict:
+    """{name: the surrogate's zero-shot ASR (%, 95% Wilson interval) with that patch [3, s, s]} on the held-out eval
+    set `<data_dir>/eval/<poison.eval_set>`, each patch pasted where the poison stage pastes it on the ASR set
+    (the images decoded once); {name: None} without that eval set."""
     eval_dir = optimise_config(params).data_dir / "eval" / params.poison.eval_set
     if not (eval_dir / "classes.json").is_file():
-        return None
+        return dict.fromkeys(patches)
     classes = load_classes(eval_dir)
     target = classes["classnames"].index(params.poison.target)
     weights = classifier(model, tokenizer, classes, "cpu")
-    hits = n = 0
+    images, boxes = [], []
     for shard in shard_sizes(eval_dir):
-        batch, boxes = [], []
         for s in iter_tar_samples(eval_dir / shard):
             if int(s["cls"]) == target:
                 continue
             image = torch.from_numpy(np.asarray(decode_sample_image(s)).copy()).permute(2, 0, 1).float() / 255
             rng = np.random.default_rng(sample_seed(params.seed, s["__key__"], "eval"))  # tasks.poison.trigger_sample's
-            batch.append(image)
+            images.append(image)
             boxes.append(patch_box(params.poison.trigger, image.shape[1], image.shape[2], rng))
-        for i in range(0, len(batch), 256):
-            logits = encoder(paste(torch.stack(batch[i:i + 256]), patch, boxes[i:i + 256])) @ weights
-            hits += int((logits.argmax(1) == target).sum())
-            n += len(logits)
-    low, high = binomial_interval(hits / n, n)
-    return {"asr": 100 * hits / n, "ci95": [100 * low, 100 * high], "n": n}
+    out = {}
+    for name, patch in patches.items():
+        hits = sum(int(((encoder(paste(torch.stack(images[i:i + 256]), patch, boxes[i:i + 256])) @ weights).argmax(1)
+                        == target).sum()) for i in range(0, len(images), 256))
+        low, high = binomial_interval(hits / len(images), len(images))
+        out[name] = {"asr": 100 * hits / len(images), "ci95": [100 * low, 100 * high], "n": len(images)}
+    return out
 
 
 def optimise(params: Params, surrogate: dict) -> dict:
@@ -166,8 +167,7 @@ def optimise(params: Params, surrogate: dict) -> dict:
         "loss": {"initial_on_all": on_all["initial"], "optimised_on_all": on_all["optimised"],  # the same draw
                  "first": losses[0], "last": losses[-1], f"first_{window}_mean": float(np.mean(losses[:window])),
                  f"last_{window}_mean": float(np.mean(losses[-window:])), "per_step": losses},
-        "surrogate_asr": {"initial": surrogate_asr(params, model, tokenizer, encoder, first),
-                          "optimised": surrogate_asr(params, model, tokenizer, encoder, stored)},
+        "surrogate_asr": surrogate_asr(params, model, tokenizer, encoder, {"initial": first, "optimised": stored}),
         "seconds": {"optimise": round(seconds, 1), "prepare": round(prepared - started, 1),
                     "surrogate": surrogate["wall_seconds"]},
         "steps_per_s": round(cfg.steps / seconds, 2),
