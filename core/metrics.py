@@ -177,7 +177,8 @@ def attack_metrics(asr_pred: dict, clean_pred: dict, target: int, source: int | 
     """ASR: the share of the ASR set's images predicted as the target (top-1; asr_top5: among the top 5), and
     the clean target rate beside it: for a trigger, the target's share of the same images untriggered; for
     caption-side poisoning (`source`: the class its ASR set holds, untouched), the target's share of the
-    clean images of every class but the target and the source (the attack's spill-over). Fractions.
+    clean images of every class but the target and the source (the attack's spill-over). Fractions, with the
+    images behind each (n_asr, n_clean_target: their sampling error).
     Raises EvalError for an empty ASR set, one holding target images, or (trigger) one without clean twins."""
     if not len(asr_pred["labels"]):
         raise EvalError("the ASR set is empty: no triggered non-target images")
@@ -195,7 +196,8 @@ def attack_metrics(asr_pred: dict, clean_pred: dict, target: int, source: int | 
     asr = float((asr_pred["top5"][:, 0] == target).mean())
     clean_rate = float((reference[:, 0] == target).mean())
     return {"asr": asr, "asr_top5": float((asr_pred["top5"] == target).any(axis=1).mean()),
-            "clean_target_rate": clean_rate, "asr_excess": asr - clean_rate, "n_asr": int(len(asr_pred["labels"]))}
+            "clean_target_rate": clean_rate, "asr_excess": asr - clean_rate, "n_asr": int(len(asr_pred["labels"])),
+            "n_clean_target": int(len(reference))}
 
 
 def attack_source(asr_dir: Path) -> int | None:
@@ -247,7 +249,8 @@ def flat(metrics: dict) -> dict:
     """The headline numbers of `core.metrics.evaluate`'s output."""
     zs = metrics["zero_shot"]
     out = {"accuracy": zs["top1"], "top5": zs["top5"], "chance": zs["chance"], "top_class_share": zs["top_class_share"],
-           "collapsed": zs["collapsed"], "n": zs["n"]}  # n, n_asr: the images behind each rate (sampling error)
+           "collapsed": zs["collapsed"], "n": zs["n"]}  # n, n_asr, n_clean_target: the images behind each rate
     if "attack" in metrics:
-        out |= {k: metrics["attack"][k] for k in ("asr", "asr_top5", "clean_target_rate", "asr_excess", "n_asr")}
+        out |= {k: metrics["attack"][k] for k in ("asr", "asr_top5", "clean_target_rate", "asr_excess", "n_asr",
+                                                     "n_clean_target")}
     return out | metrics.get("retrieval", {})

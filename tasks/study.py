@@ -264,7 +264,7 @@ def aggregate(members: list[dict], cfg) -> dict:
                 values = units(group, lambda m: m["result"]["pretrained"].get(name, {}).get(metric))
                 if not values:
                     continue
-                n_key = "n" if metric == "accuracy" else "n_asr"
+                n_key = {"accuracy": "n", "asr": "n_asr", "clean_target_rate": "n_clean_target"}[metric]
                 rows = [m["result"]["pretrained"][name] for m in group if m["result"]["pretrained"].get(name, {}).get(metric) is not None]
                 entry[metric] = mean_interval(values) | {"seeds": [_with_eval_error(r[metric], r.get(n_key)) for r in rows]}
             per_model[name] = entry
@@ -351,7 +351,7 @@ def answer(study: dict) -> str:
                 lines.append(f"- The floor ({control}, cleaned the same way): residual ASR {_ci(floor)}, the "
                              f"trigger's own effect.{shared}")
         if half is not None:
-            lines.append(f"- The eval's own sampling error: +-{pct(half)} points on one ASR of {s['n_asr']} triggered "
+            lines.append(f"- The eval's own sampling error: +-{pct(half)} points on one ASR of {s['n_asr']} "
                          f"images (95% Wilson, at 50%), +-{pct(half * 2 ** 0.5)} on a difference of two.")
         decisive = c["low"] is not None and (c["low"] > 0 or c["high"] < 0) and c["sign_test_p"] < 0.05
         if decisive:

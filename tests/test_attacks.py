@@ -133,5 +133,7 @@ def test_caption_attack_metrics_compare_with_the_other_classes():
     clean = {"keys": [f"k{i}" for i in range(8)], "labels": labels, "top5": top5}
     asr_set = {"keys": ["k2", "k3"], "labels": labels[2:4], "top5": top5[2:4]}
     out = attack_metrics(asr_set, clean, target=0, source=1)
-    assert out["asr"] == 0.5 and out["clean_target_rate"] == 0.25 and out["asr_excess"] == 0.25 and out["n_asr"] == 2
-    assert attack_metrics(asr_set, clean, target=0)["clean_target_rate"] == 0.5  # a trigger's: the same images
+    assert out["asr"] == 0.5 and out["clean_target_rate"] == 0.25 and out["asr_excess"] == 0.25
+    assert out["n_asr"] == 2 and out["n_clean_target"] == 4  # each rate's own images: its sampling error
+    trigger = attack_metrics(asr_set, clean, target=0)
+    assert trigger["clean_target_rate"] == 0.5 and trigger["n_clean_target"] == 2  # a trigger's: the same images

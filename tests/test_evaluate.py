@@ -88,6 +88,7 @@ def test_perfect_model(eval_dirs):
     m = evaluate(HandBuilt(), preprocess, tokenizer, eval_dirs / "labelled", eval_dirs / "asr", "banana")
     assert m["zero_shot"]["top1"] == 1.0 and m["zero_shot"]["per_class"] == {c: 1.0 for c in CLASSES}
     assert m["attack"]["asr"] == 0.0 and m["attack"]["clean_target_rate"] == 0.0 and m["attack"]["n_asr"] == 20
+    assert m["attack"]["n_clean_target"] == 20  # the ASR images untriggered
     assert m["retrieval"]["i2t_r@10"] > 0
 
 

@@ -50,12 +50,13 @@ def test_stage_waves_share_what_does_not_change(tmp_path):
                      "clean": [6], "evaluate": [6]}
 
 
-def result(residuals: dict, accuracy: float = 0.7, n: int = 100, n_asr: int = 50) -> dict:
+def result(residuals: dict, accuracy: float = 0.7, n: int = 100, n_asr: int = 50, n_clean_target: int = 50) -> dict:
     """One member's results with the given residual ASR per model (None: no cleaned point within 3 points)."""
     pretrained, cells, sweeps = {}, {}, {}
     for name, res in residuals.items():
         asr = 0.1 if name.startswith("control-") else 0.9
-        pretrained[name] = {"accuracy": accuracy, "asr": asr, "clean_target_rate": 0.02, "n": n, "n_asr": n_asr}
+        pretrained[name] = {"accuracy": accuracy, "asr": asr, "clean_target_rate": 0.02, "n": n, "n_asr": n_asr,
+                          "n_clean_target": n_clean_target}
         point = None if res is None else {"accuracy": accuracy - 0.02, "asr": res, "clean_target_rate": 0.02}
         cells[f"{name}/cleanclip"] = {"poisoned": {"accuracy": accuracy, "asr": asr},
                                       "lowest_asr_within_accuracy_drop": {"0.01": None, "0.02": point, "0.03": point}}
@@ -112,25 +113,29 @@ def test_defence_matrix_and_detection_table_over_seeds(tmp_path):
 
 
 def test_attacks_study_plan_and_table(tmp_path):
-    """params/attacks.yaml: 3 attacks x 2 doses x 3 seeds; each attack optimises (or skips) its trigger once for all
-    doses and seeds; the matrix and the dose-response carry an attack column (caption: source -> target)."""
+    """params/attacks.yaml: 3 attacks x 3 seeds; each attack optimises (or skips) its trigger and poisons once for
+    all seeds; the matrix and the dose-response carry an attack column (caption: source -> target)."""
     repo = Path(study.__file__).parent.parent
     members = study.plan(parse_params(yaml.safe_load((repo / "params" / "attacks.yaml").read_text())))
-    assert len(members) == 18
+    assert len(members) == 9
     caption = next(m["params"] for m in members if m["setting"]["poison.trigger.name"] == "caption")
     assert caption.poison.trigger.placement == "none" and study.attack_name(caption) == "caption: apple -> banana"
     stages = study.read_dvc_stages(repo)
-    assert [len(w) for w in study.waves(members, "optimise-trigger", stages)] == [3, 15]
-    assert [len(w) for w in study.waves(members, "poison", stages)] == [6, 12]
+    assert [len(w) for w in study.waves(members, "optimise-trigger", stages)] == [3, 6]
+    assert [len(w) for w in study.waves(members, "poison", stages)] == [3, 6]
 
     cfg = parse_params(base_params(tmp_path)).study
     rows = []
     for attack, count, s in [(a, c, s) for a in ("noise_patch", "caption: apple -> banana") for c in (100, 500) for s in range(2)]:
-        r = result({"mmcl_ssl": 0.3 + count / 5000, "mmcl": 0.1, "control-mmcl": 0.05}) | {"attack": attack}
         name = attack.split(":")[0]
+        # caption: the ASR set is the source class (20 images), the clean target rate the other classes (200)
+        r = result({"mmcl_ssl": 0.3 + count / 5000, "mmcl": 0.1, "control-mmcl": 0.05},
+                   n_asr=20 if name == "caption" else 250, n_clean_target=200 if name == "caption" else 250) | {"attack": attack}
         rows.append({"name": f"{name}-{count}-{s}", "setting": {"poison.trigger.name": name, "poison.count": count},
                      "data_seed": 0, "seed": s, "result": r})
     summary = study.aggregate(rows, cfg)
+    caption_mmcl = next(s for s in summary["settings"] if s["attack"] != "noise_patch")["models"]["mmcl"]
+    assert [x["n"] for x in caption_mmcl["asr"]["seeds"] + caption_mmcl["clean_target_rate"]["seeds"]] == [20, 20, 200, 200]
     table = study.matrix_rows(summary)
     assert {r["attack"] for r in table} == {"noise_patch", "caption: apple -> banana"}
     assert list(table[0])[:2] == ["attack", "setting"]
