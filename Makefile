@@ -41,7 +41,7 @@ pipeline: setup
 defences: setup
 	python -m flows.study --params params/defences.yaml
 
-# the attacks study (params/attacks.yaml): noise patch, optimised patch, caption-side poisoning x 2 doses, 3 seeds
+# the attacks study (params/attacks.yaml): noise patch, optimised patch, caption-side poisoning at 500 poisons, 3 seeds
 attacks: setup
 	python -m flows.study --params params/attacks.yaml
 
