@@ -361,7 +361,7 @@ def answer(study: dict) -> str:
                      f"fewer)" if c["smallest_p"] >= 0.05 else f"more {unit}s (the interval spans 0 or the test is above 0.05)"]
             if half is not None and abs(c["mean"]) < half * 2 ** 0.5:
                 needs.append(f"more eval images (the mean contrast is within one difference's sampling error; "
-                             f"+-2 points needs {eval_size_for(0.02)} triggered images)")
+                             f"+-2 points needs {eval_size_for(0.02)} ASR images)")
             needs.append("the study's scale (CC3M, 64 epochs) to say anything about it")
             verdict = "Not decisively. What would make it decisive: " + "; ".join(needs) + "."
         lines += [f"- {verdict}", ""]
