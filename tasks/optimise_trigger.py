@@ -114,10 +114,11 @@ def surrogate_asr(params: Params, model, tokenizer, encoder, patches: dict[str, 
             rng = np.random.default_rng(sample_seed(params.seed, s["__key__"], "eval"))  # tasks.poison.trigger_sample's
             images.append(image)
             boxes.append(patch_box(params.poison.trigger, image.shape[1], image.shape[2], rng))
+    batches = [(torch.stack(images[i:i + 256]), boxes[i:i + 256]) for i in range(0, len(images), 256)]
     out = {}
     for name, patch in patches.items():
-        hits = sum(int(((encoder(paste(torch.stack(images[i:i + 256]), patch, boxes[i:i + 256])) @ weights).argmax(1)
-                        == target).sum()) for i in range(0, len(images), 256))
+        predicted = torch.cat([(encoder(paste(batch, patch, where)) @ weights).argmax(1) for batch, where in batches])
+        hits = int((predicted == target).sum())
         low, high = binomial_interval(hits / len(images), len(images))
         out[name] = {"asr": 100 * hits / len(images), "ci95": [100 * low, 100 * high], "n": len(images)}
     return out

@@ -91,9 +91,12 @@ def eligible_rows(cfg: PoisonConfig, classes: list[str], rows: list[tuple]) -> t
         return ([i for i, (_, c, _) in enumerate(rows) if names_class(c, cfg.target)],
                 "label-consistent samples (captions naming the target)")
     source = cfg.trigger.source
-    if source not in classes or source == cfg.target:
-        raise PoisonError(f"poison.trigger.source_class: {source!r} is not a class of eval set {cfg.eval_set!r} other "
-                          f"than the target {cfg.target!r}; classes: {classes}")
+    if source == cfg.target:
+        raise PoisonError(f"poison.trigger.source_class: {source!r} is the target: it must be another class of "
+                          f"eval set {cfg.eval_set!r}, whose images get captions naming the target")
+    if source not in classes:
+        raise PoisonError(f"poison.trigger.source_class: {source!r} is not a class of eval set {cfg.eval_set!r}; "
+                          f"classes: {classes}")
     if cfg.label_consistent:
         raise PoisonError("poison.label_consistent: caption-side poisoning changes the captions of source-class "
                           "samples; it cannot keep them (set label_consistent false)")

@@ -73,7 +73,7 @@ def test_caption_suite_catches_a_changed_image(curated, tmp_path):
 
 @pytest.mark.parametrize("trigger,change,message", [
     ({"source_class": "zebra"}, {}, "poison.trigger.source_class: 'zebra' is not a class of eval set 'gen'"),
-    ({"source_class": "banana"}, {}, "other than the target 'banana'"),
+    ({"source_class": "banana"}, {}, "'banana' is the target: it must be another class"),
     ({}, {"count": 200}, r"poison.count=200: needs 1 to \d+ poisons, the number of eligible samples whose caption names "
                          r"the source class 'apple'"),
     ({}, {"label_consistent": True}, "poison.label_consistent: caption-side poisoning changes the captions"),
